@@ -106,3 +106,24 @@ def test_shipped_demo_model_tracks_state():
     ev = evaluate_length_generalization(model, tok, n=3, train_len=T, n_stories=500, seed=2024)
     assert len(ev["state_acc"]) == 2 * T
     assert ev["min_state_acc_in_train_len"] >= 0.99, ev["state_acc"][:T]
+
+
+def test_demo_config_is_the_shipped_recipe():
+    from dataclasses import asdict
+
+    from interpkit.training import demo_config
+
+    shipped = TrainConfig.from_dict(json.loads((DEMO / "recipe.json").read_text())["config"])
+    mine = demo_config(shipped.output_dir, progress=shipped.progress)
+    assert asdict(mine) == asdict(shipped)
+
+
+def test_train_demo_writes_hf_model_recipe_and_plot(tmp_path):
+    from interpkit.training import train_demo
+
+    r = train_demo(tmp_path, progress=False, n_layers=1, d_model=16, n_heads=2, steps=3, eval_every=3,
+                   eval_stories=16, target_acc=None, log_every=1)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "recipe.json", "length_generalization.png"):
+        assert (tmp_path / f).exists(), f
+    assert not list(tmp_path.glob("checkpoint-*"))
+    assert r["steps_run"] == 3 and len(r["length_generalization"]["state_acc"]) == 16
