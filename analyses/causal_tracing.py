@@ -60,6 +60,9 @@ class TraceConfig:
     seed: int = 1                   # noise seed; each fact's noise depends only on (seed, fact id)
     answer: str = "top1"            # "top1": the clean greedy prediction (ROME); "given": prompts.answer_ids
     max_rows: int = 1024            # rows per forward (memory knob)
+    engine: str = "auto"            # "prefix" (skip work a restoration cannot change; local), "batched", or
+                                    # "auto": prefix locally, batched remotely
+    blocks: int = 4                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
     facts_per_chunk: int = 8        # facts per stored chunk (and per remote request)
 
     def all_kinds(self) -> list[str]:
@@ -73,7 +76,9 @@ class TraceConfig:
                   (self.answer in ("top1", "given"), f"answer {self.answer!r}; use top1 or given"),
                   (self.max_rows >= 2 * self.samples + 1,
                    f"max_rows must be >= 2 * samples + 1 = {2 * self.samples + 1}"),
-                  (self.facts_per_chunk >= 1, "facts_per_chunk must be >= 1")]
+                  (self.facts_per_chunk >= 1, "facts_per_chunk must be >= 1"),
+                  (self.engine in ("auto", "prefix", "batched"), f"engine {self.engine!r}; use auto, prefix or batched"),
+                  (self.blocks >= 1, "blocks must be >= 1")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad causal-trace option: {msg}")
@@ -174,41 +179,39 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(lo, min(n_layers, layer - window // 2 + window))
 
 
-def _writes(kind: str, pos: int, layer: int, sample: int, window: int, n_layers: int):
-    """(layer, site, source row) writes of one restoration row; source 0 = clean, 1 + s = corrupted s.
+def restoration_writes(spec: tuple, window: int, n_layers: int) -> tuple:
+    """The writes of one restoration as (layer, site, pos, held): ``held`` False copies the clean value,
+    True the row's own corrupted-sample value. ``spec`` is (kind, pos, layer), or a 1-tuple (writes,)
+    with writes (layer, site, pos, src): site "hidden" | "mlp" | "attn", src "clean" | "corrupted".
 
     Severed runs hold token t's MLP / attention outputs only in layers after ``layer``: holding them in
     earlier layers, or at ``layer`` itself (whose output h_t is overwritten), changes nothing, because up
     to there the restored row computes exactly what its corrupted sample row computes."""
+    if not isinstance(spec[0], str):
+        return tuple((lay, SITE_IDS[site_], pos, src == "corrupted") for lay, site_, pos, src in spec[0])
+    kind, pos, layer = spec
     if kind == "hidden":
-        return [(layer, _RESID, 0)]
+        return ((layer, _RESID, pos, False),)
     if kind in ("mlp", "attn"):
         site_ = _MLP if kind == "mlp" else _ATTN
-        return [(j, site_, 0) for j in window_layers(layer, window, n_layers)]
+        return tuple((j, site_, pos, False) for j in window_layers(layer, window, n_layers))
     site_ = _MLP if kind == "severed_mlp" else _ATTN
-    return [(layer, _RESID, 0)] + [(j, site_, 1 + sample) for j in range(layer + 1, n_layers)]
+    return ((layer, _RESID, pos, False),) + tuple((j, site_, pos, True) for j in range(layer + 1, n_layers))
 
 
 def plan_forward(restorations: list[tuple], samples: int, window: int, n_layers: int) -> list[tuple]:
-    """Indexed writes of one forward, in forward order: [(layer, site, rows, pos, src)].
+    """Indexed writes of one batched forward, in forward order: [(layer, site, rows, pos, src)].
 
-    ``restorations`` holds (kind, pos, layer) or, for a custom restoration, a 1-tuple (writes,) with
-    writes (layer, site, pos, src): site "hidden" | "mlp" | "attn", src "clean" or "corrupted" (the
-    row's own corrupted sample). Restoration r occupies rows 1 + S + r * S + s for sample s.
-    """
+    Restoration r occupies rows 1 + S + r * S + s for sample s; src is the source row (0 clean, 1 + s
+    the row's corrupted sample)."""
     acc: dict[tuple[int, int], list[list[int]]] = {}
     for r, spec in enumerate(restorations):
+        writes = restoration_writes(spec, window, n_layers)
         for s in range(samples):
             row = 1 + samples + r * samples + s
-            if isinstance(spec[0], str):
-                kind, pos, layer = spec
-                writes = [(lay, site_, pos, src) for lay, site_, src in _writes(kind, pos, layer, s, window, n_layers)]
-            else:
-                writes = [(lay, SITE_IDS[site_], pos, 0 if src == "clean" else 1 + s)
-                          for lay, site_, pos, src in spec[0]]
-            for lay, site_, pos, src in writes:
+            for lay, site_, pos, held in writes:
                 rows, poss, srcs = acc.setdefault((lay, site_), [[], [], []])
-                rows.append(row), poss.append(pos), srcs.append(src)
+                rows.append(row), poss.append(pos), srcs.append(1 + s if held else 0)
     return [(lay, site_, torch.tensor(v[0]), torch.tensor(v[1]), torch.tensor(v[2]))
             for (lay, site_), v in sorted(acc.items())]
 
@@ -441,28 +444,47 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
     """Trace a chunk of facts (one request remotely). ``restorations`` overrides the (kind, token, layer)
     grid (a function fact -> list of restorations; then scores are [1, R, 1] in restoration order)."""
     kinds, L, d = cfg.all_kinds(), lm.arch.n_layers, lm.arch.d_model
-    jobs, bounds = [], []
+    todo = []
     for i, f in enumerate(facts):
         rest = restorations(f) if restorations is not None else grid(kinds, len(f.ids), L)
-        ans = -1 if answers is None else int(answers[i])
-        fj = _jobs(f, fact_noise(cfg, f, d, level), rest, cfg, L, ans)
+        todo.append((f, fact_noise(cfg, f, d, level), rest, -1 if answers is None else int(answers[i])))
+    if engine_of(lm, cfg) == "prefix":
+        from analyses.causal_tracing_prefix import trace_facts_prefix
+
+        results = trace_facts_prefix(lm, todo, cfg)
+    else:
+        results = _trace_batched(lm, todo, cfg)
+    traces = []
+    for (f, _, rest, _), (vals, low, high, answer) in zip(todo, results):
+        vals = vals.float()
+        scores = vals.view(1, -1, 1) if restorations is not None else vals.view(len(kinds), len(f.ids), L)
+        tok = lm.tokenizer.convert_ids_to_tokens(f.ids.tolist())
+        traces.append(FactTrace(index=f.index, key=f.key, tokens=tok, subject_first=f.subject_first,
+                                subject_last=f.subject_last, answer_id=answer, kinds=kinds,
+                                scores=scores, low=low, high=high))
+    return traces
+
+
+def engine_of(lm, cfg: TraceConfig) -> str:
+    return "batched" if cfg.engine == "batched" else "prefix"
+
+
+def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
+    """Every restoration as batch rows of as few forwards as max_rows allows; one request remotely.
+    Per fact: (mean restored probability per restoration, low, high, answer id)."""
+    S, L = cfg.samples, lm.arch.n_layers
+    jobs, bounds = [], []
+    for f, noise, rest, ans in todo:
+        fj = _jobs(f, noise, rest, cfg, L, ans)
         bounds.append((len(jobs), len(jobs) + len(fj), rest))
         jobs += [j for j, _ in fj]
     outs = run_jobs(lm, jobs)
-    S = cfg.samples
-    traces = []
-    for f, (lo, hi, rest) in zip(facts, bounds):
+    results = []
+    for lo, hi, rest in bounds:
         probs = [outs[j][0].double() for j in range(lo, hi)]         # means in float64: exact for equal rows
-        vals = torch.cat([p[1 + S:].view(-1, S).mean(1) for p in probs]).float() if rest else torch.zeros(0)
-        if restorations is not None:
-            scores = vals.view(1, -1, 1)
-        else:
-            scores = vals.view(len(kinds), len(f.ids), L)
-        tok = lm.tokenizer.convert_ids_to_tokens(f.ids.tolist())
-        traces.append(FactTrace(index=f.index, key=f.key, tokens=tok, subject_first=f.subject_first,
-                                subject_last=f.subject_last, answer_id=int(outs[lo][1]), kinds=kinds,
-                                scores=scores, low=float(probs[0][1:1 + S].mean()), high=float(probs[0][0])))
-    return traces
+        vals = torch.cat([p[1 + S:].view(-1, S).mean(1) for p in probs]) if rest else torch.zeros(0)
+        results.append((vals, float(probs[0][1:1 + S].mean()), float(probs[0][0]), int(outs[lo][1])))
+    return results
 
 
 def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | None = None,

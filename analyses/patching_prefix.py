@@ -29,32 +29,7 @@ import torch
 
 from analyses.patching import PatchConfig, PatchResult, _metric, patch_site, sweep_inputs
 from interpkit.errors import UserError
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Left-padding-aware position ids (a padded row's first real token is position 0), as nnsight uses."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _kv(cache, layer: int):
-    """(keys, values) of one layer of an HF cache, in transformers 5 (``layers``) or 4 (``key_cache``) form."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
-
-
-def prefix_cache(config, kv: list, p: int, repeats: int):
-    """A fresh DynamicCache holding the first p positions of ``kv`` (per layer (keys, values)), with every
-    row repeated ``repeats`` times (rows of a chunk are cells x pairs, pairs fastest)."""
-    from transformers import DynamicCache
-
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:
-        cache = DynamicCache()
-    for layer, (k, v) in enumerate(kv):
-        cache.update(k[:, :, :p].repeat(repeats, 1, 1, 1), v[:, :, :p].repeat(repeats, 1, 1, 1), layer)
-    return cache
+from interpkit.kv_cache import layer_kv, positions, prefix_cache
 
 
 def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: list, n_heads: int, n_layers: int,
@@ -74,7 +49,7 @@ def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: l
         kv = list().save()
         if want_cache:
             for layer in range(n_layers):
-                kv.append(_kv(out.past_key_values, layer))
+                kv.append(layer_kv(out.past_key_values, layer))
     return scores, acts, resid, kv
 
 
@@ -116,7 +91,7 @@ def run_prefix_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor 
         base_v, _, base_resid, kv = trace_reference(lm.model, *ref(base, True))
         source_v, src_acts, _, _ = trace_reference(lm.model, *ref(source, False))
     kv = list(kv)
-    positions = _positions(base["attention_mask"])
+    pos_ids = positions(base["attention_mask"])
     values = torch.full((P, len(layers), len(cells)), float("nan"))
     forwards = 2
     order = sorted(range(len(cells)), key=lambda i: cells[i])
@@ -135,10 +110,10 @@ def run_prefix_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor 
                     per_layer.append((layers[li], rows, local, fill))
                 inputs = {"input_ids": base["input_ids"][:, p0:].repeat(n, 1),
                           "attention_mask": base["attention_mask"].repeat(n, 1),
-                          "position_ids": positions[:, p0:].repeat(n, 1)}
+                          "position_ids": pos_ids[:, p0:].repeat(n, 1)}
                 skip = base_resid[bi][:, p0:].repeat(n, 1, 1)
                 with torch.no_grad():
-                    out = trace_suffix(lm.model, inputs, prefix_cache(lm.hf.config, kv, p0, n), starts[bi], skip,
+                    out = trace_suffix(lm.model, inputs, prefix_cache(lm.hf.config, kv, p0, torch.arange(P).repeat(n)), starts[bi], skip,
                                        per_layer, cfg.site, H, cfg.mode == "deletion", cfg.metric,
                                        answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
                 forwards += 1

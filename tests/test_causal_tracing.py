@@ -74,7 +74,8 @@ def test_groups_on_known_facts():
         assert f.ids[-1] == ps.input_ids[f.index, -1]
 
 
-def test_restore_everything_gives_clean_exactly(family):
+@pytest.mark.parametrize("engine", ["batched", "prefix"])
+def test_restore_everything_gives_clean_exactly(family, engine):
     lm = sharp(family)
     L = lm.arch.n_layers
 
@@ -84,26 +85,31 @@ def test_restore_everything_gives_clean_exactly(family):
         every = (tuple((l, "hidden", t, "clean") for l in range(L) for t in range(T)),)
         return per_layer + [every]
 
-    cfg = CT.TraceConfig(noise=1.0)
+    cfg = CT.TraceConfig(noise=1.0, engine=engine)
     for tr in CT.trace_facts(lm, CT.facts_of(facts(family)), cfg, 1.0, restorations=restorations):
         assert abs(tr.high - tr.low) > 1e-3                         # the noise does something ...
         assert (tr.scores - tr.high).abs().max().item() == 0.0      # ... and restoring all undoes it
 
 
-def test_zero_noise_gives_zero_ie(family):
+@pytest.mark.parametrize("engine", ["batched", "prefix"])
+def test_zero_noise_gives_zero_ie(family, engine):
+    """Exactly zero when restored rows share the forward with the corrupted ones (batched); the prefix
+    engine recomputes suffixes in other shapes, so float32 rounding (~1e-7) remains."""
     lm = sharp(family)
-    res = CT.run_causal_tracing(lm, facts(family, 1), CT.TraceConfig(noise=0.0, severed=True, window=2))
-    tr = res.facts[0]
+    cfg = CT.TraceConfig(noise=0.0, severed=True, window=2, engine=engine)
+    tr = CT.run_causal_tracing(lm, facts(family, 1), cfg).facts[0]
     assert tr.high == tr.low
-    assert tr.ie.abs().max().item() == 0.0
+    assert tr.ie.abs().max().item() <= (0.0 if engine == "batched" else 1e-6)
 
 
-def test_equals_plain_hook_reference(family):
+@pytest.mark.parametrize("engine, blocks", [("batched", 4), ("prefix", 4), ("prefix", 1), ("prefix", 99)])
+def test_equals_plain_hook_reference(family, engine, blocks):
     """All kinds incl. severed, split over several forwards (max_rows), against ROME's one-forward-per-
     restoration procedure with plain forward hooks and the same noise."""
     lm = sharp(family)
     ps = facts(family, 1)
-    cfg = CT.TraceConfig(noise="3sigma", severed=True, window=2, samples=3, max_rows=100)
+    cfg = CT.TraceConfig(noise="3sigma", severed=True, window=2, samples=3, max_rows=100, engine=engine,
+                         blocks=blocks)
     res = CT.run_causal_tracing(lm, ps, cfg)
     f, tr = CT.facts_of(ps)[0], res.facts[0]
     ref = ReferenceTracer(lm.hf, f.ids, (f.subject_first, f.subject_last),
