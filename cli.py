@@ -183,13 +183,15 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                  samples: int = typer.Option(None, help="Corrupted samples per fact (default 10)."),
                  window: int = typer.Option(None, help="MLP/attention window (default 10)."),
                  seed: int = typer.Option(None), max_rows: int = typer.Option(None, help="Rows per forward."),
+                 engine: str = typer.Option(None, help="prefix (default: skips work a restoration cannot "
+                                                       "change) or batched (full forwards)."),
                  run_id: str = typer.Option(None), root: str = typer.Option("artifacts")) -> None:
     """ROME causal tracing: which hidden states, MLPs and attention layers carry a fact (resumable)."""
     from analyses.causal_tracing import causal_trace_command
 
     causal_trace_command(model, facts=facts, kind=kind, severed=severed, noise=noise, config=config,
                          remote=remote, task=task, samples=samples, window=window, seed=seed,
-                         max_rows=max_rows, root=root, run_id=run_id, echo=typer.echo)
+                         max_rows=max_rows, engine=engine, root=root, run_id=run_id, echo=typer.echo)
 
 
 def _int_list(text: str | None) -> list[int] | None:

@@ -1,4 +1,4 @@
-"""ROME causal tracing (Meng et al. 2022), batched: every restoration of a fact is a batch row.
+"""ROME causal tracing (Meng et al. 2022), batched.
 
 For each fact the subject's token embeddings are corrupted with Gaussian (or uniform) noise, ``samples``
 times with noise drawn once per fact from a seeded generator, and the probability of the answer token
@@ -9,17 +9,22 @@ times with noise drawn once per fact from a seeded generator, and the probabilit
   ``hidden`` restores one layer output h_t^(l); ``mlp`` / ``attn`` restore the MLP / attention outputs
   of token t in a window of ``window`` layers around l ([l - w//2, l - w//2 + w), clipped);
   ``severed_mlp`` / ``severed_attn`` restore h_t^(l) while holding token t's MLP / attention outputs in
-  all layers at the corrupted sample's values (ROME's severed runs, done in the same forward: the
-  corrupted rows sit in the batch, so "their values" are read live; only layers after l need writing);
+  all layers at the corrupted sample's values (ROME's severed runs, done in the same forward);
 * indirect effect IE = restored - low; total effect TE = high - low; AIE / ATE average over facts, over
   six token groups (first / middle / last subject token, first subsequent, further tokens, last token).
 
-Batch layout of one forward (one fact): row 0 clean, rows 1..S corrupted, then S rows per restoration.
-At each layer and site, every row that restores there takes its source row's value with one indexed
-write ``x[rows, pos] = x[src, pos]``. Noise is made outside the trace and shipped as a small
-[S + 1, T, d] bank plus a row -> sample index; it is added to ``model.embed``'s output inside the trace.
-The trace function imports only torch, so it runs unchanged on NDIF; remotely, one chunk of facts is one
-request (a session of the chunk's forwards).
+Two engines compute the same numbers (to float rounding; both tested against a plain-hook reference):
+
+* ``prefix`` (default, ``analyses.causal_tracing_prefix``): one reference forward per fact, then only
+  the tokens and layers each restoration can change, on the reference's key/value cache;
+* ``batched`` (here): every restoration as batch rows of full forwards. Row 0 clean, rows 1..S corrupted,
+  then S rows per restoration; at each layer and site every row that restores there takes its source
+  row's value with one indexed write ``x[rows, pos] = x[src, pos]``, so severed runs read the corrupted
+  values live. Exact identities (restore-all = clean, zero noise = zero IE) hold bit for bit here.
+
+Noise is made outside the trace and shipped as a small [S + 1, T, d] bank; it is added to
+``model.embed``'s output inside the trace. Trace code imports only torch, so it runs unchanged on NDIF;
+remotely, one chunk of facts is one request (a session of the chunk's forwards).
 """
 from __future__ import annotations
 
@@ -60,9 +65,8 @@ class TraceConfig:
     seed: int = 1                   # noise seed; each fact's noise depends only on (seed, fact id)
     answer: str = "top1"            # "top1": the clean greedy prediction (ROME); "given": prompts.answer_ids
     max_rows: int = 1024            # rows per forward (memory knob)
-    engine: str = "auto"            # "prefix" (skip work a restoration cannot change; local), "batched", or
-                                    # "auto": prefix locally, batched remotely
-    blocks: int = 4                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
+    engine: str = "prefix"          # "prefix": skip work a restoration cannot change; "batched": full forwards
+    blocks: int = 3                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
     facts_per_chunk: int = 8        # facts per stored chunk (and per remote request)
 
     def all_kinds(self) -> list[str]:
@@ -77,7 +81,7 @@ class TraceConfig:
                   (self.max_rows >= 2 * self.samples + 1,
                    f"max_rows must be >= 2 * samples + 1 = {2 * self.samples + 1}"),
                   (self.facts_per_chunk >= 1, "facts_per_chunk must be >= 1"),
-                  (self.engine in ("auto", "prefix", "batched"), f"engine {self.engine!r}; use auto, prefix or batched"),
+                  (self.engine in ("prefix", "batched"), f"engine {self.engine!r}; use prefix or batched"),
                   (self.blocks >= 1, "blocks must be >= 1")]
         for ok, msg in checks:
             if not ok:
@@ -448,7 +452,7 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
     for i, f in enumerate(facts):
         rest = restorations(f) if restorations is not None else grid(kinds, len(f.ids), L)
         todo.append((f, fact_noise(cfg, f, d, level), rest, -1 if answers is None else int(answers[i])))
-    if engine_of(lm, cfg) == "prefix":
+    if cfg.engine == "prefix":
         from analyses.causal_tracing_prefix import trace_facts_prefix
 
         results = trace_facts_prefix(lm, todo, cfg)
@@ -463,10 +467,6 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
                                 subject_last=f.subject_last, answer_id=answer, kinds=kinds,
                                 scores=scores, low=low, high=high))
     return traces
-
-
-def engine_of(lm, cfg: TraceConfig) -> str:
-    return "batched" if cfg.engine == "batched" else "prefix"
 
 
 def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
@@ -602,7 +602,8 @@ def _prompt_set(lm, task: str):
 def causal_trace_command(model: str, facts: int | None = 100, kind: str | None = None, severed: bool | None = None,
                          noise: str | None = None, config: str | None = None, remote: bool = False,
                          task: str = "facts", samples: int | None = None, window: int | None = None,
-                         seed: int | None = None, max_rows: int | None = None, root: str = "artifacts",
+                         seed: int | None = None, max_rows: int | None = None, engine: str | None = None,
+                         root: str = "artifacts",
                          run_id: str | None = None, echo=print) -> TraceResult:
     """``interpkit causal-trace``: trace the first ``facts`` facts the model knows, store chunks, plot.
 
@@ -615,7 +616,7 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
     from tasks.known_facts import filter_known
 
     cfg = load_config(config, kinds=_kinds_option(kind), severed=severed, noise=noise, samples=samples,
-                      window=window, seed=seed, max_rows=max_rows)
+                      window=window, seed=seed, max_rows=max_rows, engine=engine)
     if facts is not None and facts < 1:
         raise UserError("--facts must be >= 1")
     lm = load_model(model, remote=remote)

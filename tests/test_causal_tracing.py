@@ -204,12 +204,14 @@ def test_command_stores_resumes_and_plots(tmp_path):
     assert first.facts[1].tokens == again.facts[1].tokens
 
 
-def test_loopback_remote_is_identical():
+@pytest.mark.parametrize("engine", ["prefix", "batched"])
+def test_loopback_remote_is_identical(engine):
     from interpkit.remote import loopback
 
     lm = sharp("gemma2")
     ps = facts("gemma2", 2)
-    cfg = CT.TraceConfig(noise="3sigma", window=2, samples=3, severed=True, facts_per_chunk=2, max_rows=200)
+    cfg = CT.TraceConfig(noise="3sigma", window=2, samples=3, severed=True, facts_per_chunk=2, max_rows=200,
+                         engine=engine)
     local = CT.run_causal_tracing(lm, ps, cfg)
     with loopback.LoopbackNDIF(lm.model) as server:
         remote_lm = dataclasses.replace(lm, remote=True)
@@ -220,3 +222,30 @@ def test_loopback_remote_is_identical():
     assert remote.noise_level == local.noise_level
     for a, b in zip(local.facts, remote.facts):
         assert torch.equal(a.scores, b.scores) and a.low == b.low and a.high == b.high
+
+
+def test_prefix_plan_skips_what_cannot_change():
+    """The prefix engine's plan: restorations before the subject, or at the last layer away from the last
+    token, are not computed; clipped windows that coincide are computed once; what is computed starts at
+    the restored token and (hidden) after the restored layer."""
+    from analyses.causal_tracing_prefix import first_layer, plan_fact
+
+    T, L, a, S = 9, 6, 2, 10
+    rest = CT.grid(list(CT.BASE_KINDS), T, L)
+    plan = plan_fact(rest, T, a, L, window=10, samples=S, max_rows=1024, blocks=99)
+    src = dict(zip(rest, plan.source))
+    assert all(src[(k, t, l)] == ("low",) for k in CT.BASE_KINDS for t in range(a) for l in range(L))
+    assert all(src[("hidden", t, L - 1)] == ("low",) for t in range(a, T - 1))
+    assert src[("hidden", T - 1, L - 1)] == ("high",)
+    assert src[("mlp", 4, 1)] == src[("mlp", 4, 2)]                    # both windows clip to all 6 layers
+    assert src[("mlp", 4, 0)] == src[("mlp", 4, 1)]                    # layers 0-4 vs 0-5, but 5 is a no-op
+    assert src[("mlp", T - 1, 0)] != src[("mlp", T - 1, 1)] != src[("attn", T - 1, 1)]   # ... not at the last token
+    for chunk in plan.chunks:                                          # blocks=99: one chunk per (token, layer)
+        for u in chunk.items:
+            w = plan.unique[u]
+            assert chunk.p0 == min(x[2] for x in w) and chunk.l0 == first_layer(w)
+    assert first_layer(plan.unique[src[("hidden", 3, 2)][1]]) == 3
+    work = sum(len(c.items) * (T - c.p0) * (L - c.l0) for c in plan.chunks) / (len(rest) * T * L)
+    assert work < 0.2, work
+    coarse = plan_fact(rest, T, a, L, window=10, samples=S, max_rows=1024, blocks=1)
+    assert [(c.p0, c.l0) for c in coarse.chunks] == [(a, 0)] and coarse.source == plan.source
