@@ -160,21 +160,26 @@ def chunk_args(plan: FactPlan, chunk: Chunk, ids: torch.Tensor, bank: torch.Tens
     inputs = {"input_ids": ids[p0:][None].expand(n * S, -1),
               "attention_mask": torch.ones(n * S, T, dtype=torch.long),
               "position_ids": torch.arange(p0, T)[None].expand(n * S, -1)}
-    start = acts[_RESID][l0 - 1][sample, p0:].clone() if l0 > 0 else None
-    per_site: dict[tuple[int, int], list[list]] = {}
+    per_site: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for i, u in enumerate(chunk.items):
         for lay, site_, pos, held in plan.unique[u]:
-            rows = list(range(i * S, (i + 1) * S))
-            if lay < l0:                                          # h^(l0-1): part of the starting state
-                if not held:
-                    start[rows, pos - p0] = acts[_RESID][lay][0, pos]
-                continue
-            acc = per_site.setdefault((lay, site_), [[], [], []])
-            acc[0] += rows
-            acc[1] += [pos - p0] * S
-            acc[2].append(acts[site_][lay][1:, pos] if held else acts[site_][lay][0, pos].expand(S, -1))
-    writes = [(lay, site_, torch.tensor(r), torch.tensor(p), torch.cat(f)) for (lay, site_), (r, p, f)
-              in sorted(per_site.items())]
+            per_site.setdefault((lay, site_), []).append((i, pos, int(held)))
+    offsets = torch.arange(S)
+
+    def rows_pos_src(entries):           # chunk rows, positions and reference rows (0 clean, 1 + s held)
+        e = torch.tensor(entries)
+        rows = (e[:, :1] * S + offsets).reshape(-1)
+        return rows, e[:, 1].repeat_interleave(S), (e[:, 2:] * (offsets + 1)).reshape(-1)
+
+    start = acts[_RESID][l0 - 1][sample, p0:].clone() if l0 > 0 else None
+    writes = []
+    for (lay, site_), entries in sorted(per_site.items()):
+        rows, pos, src = rows_pos_src(entries)
+        values = acts[site_][lay][src, pos]
+        if lay < l0:                                   # h^(l0-1): part of the starting state
+            start[rows, pos - p0] = values
+        else:
+            writes.append((lay, site_, rows, pos - p0, values))
     return {"inputs": inputs, "cache": prefix_cache(None, kv, p0, sample) if p0 > 0 else None,
             "l0": l0, "start": start, "noise": bank[sample, p0:] if l0 == 0 else None, "writes": writes}
 
