@@ -220,7 +220,7 @@ def patch(task: str = typer.Option(..., help="ioi | gt | gp | permutations"),
           n: int = typer.Option(64, help="Prompt pairs."), seed: int = typer.Option(0),
           max_rows: int = typer.Option(512, help="Rows per forward (memory knob)."),
           remote: bool = typer.Option(False, help="Run on NDIF: the whole sweep is one request."),
-          reuse_prefix: bool = typer.Option(False, help="Skip work a patch cannot change (KV-cache reuse; local)."),
+          reuse_prefix: bool = typer.Option(False, help="Skip work a patch cannot change (KV-cache reuse; remotely one request)."),
           run_id: str = typer.Option(None)) -> None:
     """Activation patching (exact) and attribution patching by layer x position or layer x head."""
     from analyses.patching_cli import patch_command

@@ -36,7 +36,7 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     """Run ``interpkit patch``; returns a summary dict (run dir, figures, top cells, agreement).
 
     ``reuse_prefix`` computes the exact sweep with ``analyses.patching_prefix`` (reuses the unpatched
-    prefix through the key/value cache: ~0.4x the work; local, --by position --region position only;
+    prefix through the key/value cache: ~0.4x the work; --by position --region position only; remotely one request;
     stored as one chunk at the end instead of chunk by chunk)."""
     from interpkit.models import load_model
     from interpkit.store import RunStore

@@ -16,10 +16,10 @@ With B layer blocks and B position blocks the work drops to about ((B + 1) / 2B)
 (0.44 for B = 3; 0.3 in the limit of one block per layer and per position); results equal
 ``run_patching`` to float tolerance (tested).
 Scope: ``by="position"`` with ``region="position"``, every site but ``unembed_in``, substitution or
-deletion; anything else raises UserError (use ``run_patching``). Local only for now: remotely the
-caches would have to be built inside one session on the server (the trace functions are written for
-that, but it is not wired or tested), so ``--remote`` sweeps use ``run_patching``. Layer outputs are
-skipped with a tensor, which assumes transformers 5.x (tuple layer outputs in 4.x would need a tuple).
+deletion; anything else raises UserError (use ``run_patching``). The whole sweep is one
+``model.session``: remotely one request, with the base run's cache and activations staying on the
+server. Layer outputs are skipped with a tensor, which assumes transformers 5.x (tuple layer outputs in
+4.x would need a tuple).
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ from interpkit.kv_cache import layer_kv, positions, prefix_cache
 
 def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: list, n_heads: int, n_layers: int,
                     metric: str, answer, wrong, candidates, want_cache: bool, remote=False):
-    """Source or base run: metric, site activations at ``layers``, resid_pre at ``starts`` and (base) the
-    key/value cache as per-layer (keys, values) tensors."""
+    """Source or base run: metric (saved), site activations at ``layers``, resid_pre at ``starts`` and
+    (base) the key/value cache as per-layer (keys, values) tensors, which stay in the session."""
     with model.trace(inputs, remote=remote, use_cache=want_cache, logits_to_keep=1):
-        acts = list().save()
-        resid = list().save()
+        acts = list()
+        resid = list()
         for layer in range(max(layers + starts) + 1):
             if layer in starts:
                 resid.append(patch_site(model, "resid_pre", layer).detach().clone())
@@ -46,7 +46,7 @@ def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: l
                 acts.append(patch_site(model, site_name, layer, n_heads).detach().clone())
         out = model.output
         scores = _metric(metric, out.logits[:, -1], answer, wrong, candidates).detach().save()
-        kv = list().save()
+        kv = list()
         if want_cache:
             for layer in range(n_layers):
                 kv.append(layer_kv(out.past_key_values, layer))
@@ -77,53 +77,68 @@ def run_prefix_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor 
     """
     if cfg.by != "position" or cfg.region != "position" or cfg.site == "unembed_in":
         raise UserError("prefix reuse supports --by position --region position on layer sites; use run_patching")
-    if lm.remote:
-        raise UserError("prefix reuse runs locally only for now; drop --remote or use run_patching")
     base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
-    P, T = base["input_ids"].shape
-    H = lm.arch.n_heads
+    P = base["input_ids"].shape[0]
     blocks = _split(layers, layer_blocks)
     starts = [b[0] for b in blocks]
-    t0 = time.perf_counter()
-    ref = lambda inputs, cache: (inputs, cfg.site, layers, starts, H, lm.arch.n_layers, cfg.metric,  # noqa: E731
-                                 answer, wrong, candidates, cache)
-    with torch.no_grad():
-        base_v, _, base_resid, kv = trace_reference(lm.model, *ref(base, True))
-        source_v, src_acts, _, _ = trace_reference(lm.model, *ref(source, False))
-    kv = list(kv)
-    pos_ids = positions(base["attention_mask"])
-    values = torch.full((P, len(layers), len(cells)), float("nan"))
-    forwards = 2
     order = sorted(range(len(cells)), key=lambda i: cells[i])
+    chunks = []                                     # (layer block, p0, [(layer index, cell index)])
     for bi, block in enumerate(blocks):
         for pos_block in _split(order, position_blocks):
-            p0 = cells[pos_block[0]]
             grid = [(layers.index(l), ci) for l in block for ci in pos_block]
-            for part in _parts(grid, max(1, cfg.max_rows // P)):
-                n = len(part)
-                per_layer = []
-                for li in sorted({li for li, _ in part}):
-                    js = [j for j, (lj, _) in enumerate(part) if lj == li]
-                    rows = torch.cat([torch.arange(j * P, (j + 1) * P) for j in js])
-                    local = torch.tensor([cells[part[j][1]] - p0 for j in js]).repeat_interleave(P)
-                    fill = torch.cat([src_acts[li][:, cells[part[j][1]]] for j in js])
-                    per_layer.append((layers[li], rows, local, fill))
-                inputs = {"input_ids": base["input_ids"][:, p0:].repeat(n, 1),
-                          "attention_mask": base["attention_mask"].repeat(n, 1),
-                          "position_ids": pos_ids[:, p0:].repeat(n, 1)}
-                skip = base_resid[bi][:, p0:].repeat(n, 1, 1)
-                with torch.no_grad():
-                    out = trace_suffix(lm.model, inputs, prefix_cache(lm.hf.config, kv, p0, torch.arange(P).repeat(n)), starts[bi], skip,
-                                       per_layer, cfg.site, H, cfg.mode == "deletion", cfg.metric,
-                                       answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
-                forwards += 1
-                for j, (li, ci) in enumerate(part):
-                    values[:, li, ci] = out[j * P:(j + 1) * P].float()
+            chunks += [(bi, cells[pos_block[0]], part) for part in _parts(grid, max(1, cfg.max_rows // P))]
+    args = (base, source, chunks, layers, cells, starts, cfg.site, lm.arch.n_heads, lm.arch.n_layers,
+            cfg.mode == "deletion", cfg.metric, answer, wrong, candidates)
+    t0 = time.perf_counter()
+    model = lm.model
+    if lm.remote:
+        from interpkit.remote import ensure_shipped
+
+        ensure_shipped()
+    with torch.no_grad():
+        with model.session(remote=lm.remote):
+            out = list().save()
+            out.append(prefix_sweep(model, *args))
+    base_v, source_v, chunk_values = out[0]
+    values = torch.full((P, len(layers), len(cells)), float("nan"))
+    for (_, _, part), v in zip(chunks, chunk_values):
+        for j, (li, ci) in enumerate(part):
+            values[:, li, ci] = v[j * P:(j + 1) * P].float()
     if cfg.mode == "deletion":
         source_v = torch.zeros_like(base_v)
     return PatchResult(config=cfg, layers=layers, cells=cells, values=values, base=base_v.float(),
-                       source=source_v.float(), timings={"sweep_s": time.perf_counter() - t0, "forwards": forwards},
-                       method="exact")
+                       source=source_v.float(), method="exact",
+                       timings={"sweep_s": time.perf_counter() - t0, "forwards": 2 + len(chunks)})
+
+
+def prefix_sweep(model, base: dict, source: dict, chunks: list, layers: list, cells: list, starts: list,
+                 site_name: str, n_heads: int, n_layers: int, deletion: bool, metric: str, answer, wrong,
+                 candidates) -> tuple:
+    """Every forward of the sweep, inside a session: the base and source runs, then one per chunk.
+    Returns (base metric, source metric, per-chunk metrics [cells x pairs])."""
+    ref = (layers, starts, n_heads, n_layers, metric, answer, wrong, candidates)
+    base_v, _, base_resid, kv = trace_reference(model, base, site_name, *ref, True)
+    source_v, src_acts, _, _ = trace_reference(model, source, site_name, *ref, False)
+    P = base["input_ids"].shape[0]
+    pos_ids = positions(base["attention_mask"])
+    outs = []
+    for bi, p0, part in chunks:
+        n = len(part)
+        per_layer = []
+        for li in sorted({li for li, _ in part}):
+            js = [j for j, (lj, _) in enumerate(part) if lj == li]
+            rows = torch.cat([torch.arange(j * P, (j + 1) * P) for j in js])
+            local = torch.tensor([cells[part[j][1]] - p0 for j in js]).repeat_interleave(P)
+            fill = torch.cat([src_acts[li][:, cells[part[j][1]]] for j in js])
+            per_layer.append((layers[li], rows, local, fill))
+        inputs = {"input_ids": base["input_ids"][:, p0:].repeat(n, 1),
+                  "attention_mask": base["attention_mask"].repeat(n, 1),
+                  "position_ids": pos_ids[:, p0:].repeat(n, 1)}
+        cache = prefix_cache(None, kv, p0, torch.arange(P).repeat(n))
+        outs.append(trace_suffix(model, inputs, cache, starts[bi], base_resid[bi][:, p0:].repeat(n, 1, 1),
+                                 per_layer, site_name, n_heads, deletion, metric, answer.repeat(n, 1),
+                                 wrong.repeat(n, 1), candidates))
+    return base_v, source_v, outs
 
 
 def _split(items: list, n: int) -> list[list]:

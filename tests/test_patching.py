@@ -266,6 +266,31 @@ def test_loopback_ndif_single_request(method):
     assert (method(lm, prompts, cfg).values - remote.values).abs().max().item() < 1e-6
 
 
+def test_prefix_reuse_through_loopback_is_one_request():
+    """The prefix-reuse sweep runs as one session: one request, the base run's cache kept on the server."""
+    from analyses.patching_prefix import run_prefix_patching
+    from interpkit.remote import loopback
+
+    lm = tiny("llama")
+    prompts = random_pairs(lm)
+    cfg = PatchConfig(site="resid_pre", max_rows=6)
+    params = list(lm.hf.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        local = run_prefix_patching(lm, prompts, cfg, 2, 2)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    with loopback.LoopbackNDIF(lm.model) as server:
+        before = _n_requests(server)
+        remote = run_prefix_patching(_as_remote(lm, True), prompts, cfg, 2, 2)
+        assert _n_requests(server) - before == 1
+    assert local.timings["forwards"] > 3
+    assert torch.equal(local.values, remote.values) and torch.equal(local.base, remote.base)
+    assert (run_patching(lm, prompts, cfg).values - remote.values).abs().max().item() < 1e-5
+
+
 def _n_requests(server) -> int:
     return server.n_requests
 
