@@ -81,12 +81,8 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
 def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, reuse_prefix: bool = False) -> PatchResult:
     """One method's sweep, resuming from and writing chunks named ``<method>-<index>``."""
     if name == "exact" and reuse_prefix:
-        from analyses.patching_prefix import run_prefix_patching
+        return _run_prefix_stored(store, lm, prompts, cfg)
 
-        res = run_prefix_patching(lm, prompts, cfg)
-        if not store.has_chunk("exact-prefix"):
-            store.write_chunk("exact-prefix", {"values": res.values.numpy()}, seconds=res.timings["sweep_s"])
-        return res
     def key(i):
         return f"{name}-{i:06d}"
 
@@ -105,6 +101,23 @@ def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, reuse_prefix: b
 
     res = RUNNERS[name](lm, prompts, cfg, on_chunk=on_chunk, done=done)
     store.time(f"{name}_sweep", res.timings["sweep_s"])
+    return res
+
+
+def _run_prefix_stored(store, lm, prompts, cfg: PatchConfig) -> PatchResult:
+    """The prefix-reuse sweep, stored as one chunk (values, base and source metrics); a rerun reads it back."""
+    from analyses.patching_prefix import run_prefix_patching
+
+    if store.has_chunk("exact-prefix"):
+        arrays = {k: torch.as_tensor(v) for k, v in store.read_chunk("exact-prefix").items()}
+        return PatchResult(config=cfg, layers=arrays["layers"].tolist(), cells=arrays["cells"].tolist(),
+                           values=arrays["values"], base=arrays["base"], source=arrays["source"],
+                           timings={"sweep_s": 0.0, "forwards": 0})
+    res = run_prefix_patching(lm, prompts, cfg)
+    store.write_chunk("exact-prefix", {"values": res.values.numpy(), "base": res.base.numpy(),
+                                       "source": res.source.numpy(), "layers": torch.tensor(res.layers).numpy(),
+                                       "cells": torch.tensor(res.cells).numpy()}, seconds=res.timings["sweep_s"])
+    store.time("exact_sweep", res.timings["sweep_s"])
     return res
 
 

@@ -361,7 +361,7 @@ def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
     assert any("attribution vs exact" in line for line in lines) and any("[end]" in line for line in lines)
 
 
-def test_patch_command_prefix_reuse_equals_engine(tmp_path):
+def test_patch_command_prefix_reuse_equals_engine(tmp_path, monkeypatch):
     from analyses.patching_cli import patch_command
     import h5py
 
@@ -370,6 +370,14 @@ def test_patch_command_prefix_reuse_equals_engine(tmp_path):
     b = patch_command(**kw, root=str(tmp_path / "b"), reuse_prefix=True)
     read = lambda s: h5py.File(f"{s['run_dir']}/result.h5", "r")["exact"]["values"][()]  # noqa: E731
     assert abs(read(a) - read(b)).max() < 1e-5
+    import analyses.patching_prefix as PP
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed a stored sweep")
+
+    monkeypatch.setattr(PP, "run_prefix_patching", refuse)
+    again = patch_command(**kw, root=str(tmp_path / "b"), reuse_prefix=True)     # resumes from the store
+    assert again["run_dir"] == b["run_dir"] and (read(again) == read(b)).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [
