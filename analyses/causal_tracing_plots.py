@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analyses.causal_tracing import GROUP_LABELS, GROUPS  # noqa: E402
+from interpkit.plots import finish  # noqa: E402
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "severed_mlp": "Blues", "severed_attn": "Oranges"}
 TITLES = {"hidden": "single hidden state", "mlp": "MLP window", "attn": "attention window",
@@ -32,10 +33,8 @@ def plot_heatmaps(result, out_dir) -> list[Path]:
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{len(result.facts)} facts, ATE = {float(agg['ate']):.3f}, noise {result.noise_level:.3g}",
                  fontsize=9)
-    fig.tight_layout()
     path = Path(out_dir) / "causal_trace_heatmap.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
     return [path]
 
 
@@ -80,9 +79,7 @@ def _plot_severed(result, agg, path: Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("AIE at last subject token")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
     return path
 
 
@@ -102,7 +99,5 @@ def plot_fact(trace, path) -> Path:
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"fact {trace.key}: p(answer) clean {trace.high:.3f}, corrupted {trace.low:.3f} (* = subject)",
                  fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
     return Path(path)

@@ -34,6 +34,7 @@ import torch
 from analyses.patching import run_session
 from analyses.probing import collect_residuals, random_like
 from interpkit.errors import UserError
+from interpkit.plots import finish
 from interpkit.remote import ensure_shipped
 from interpkit.sites import site
 
@@ -323,7 +324,7 @@ class CircleResult:
         ax.set_ylim(min([-0.1] + lows) - 0.05, 1.02)
         ax.set_title(f"{self.task}: circle probe at '{self.role}' (k={self.fit.k})")
         ax.legend(fontsize=7)
-        return _save(fig, path)
+        return finish(fig, path)
 
     def plot_scatter(self, path=None, layers: list[int] | None = None):
         """Top-2 PCA coordinates at the role token, coloured by value, one panel per layer."""
@@ -338,7 +339,7 @@ class CircleResult:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(sc, ax=axes[0, -1], label="value")
-        return _save(fig, path)
+        return finish(fig, path)
 
     def plot_interventions(self, path=None):
         plt = _plt()
@@ -358,7 +359,7 @@ class CircleResult:
             ax.set_xticks(self.layers)
             ax.legend(fontsize=7)
         fig.suptitle(f"{self.task}: interventions at '{self.role}'")
-        return _save(fig, path)
+        return finish(fig, path)
 
 
 def _plt():
@@ -368,12 +369,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        _plt().close(fig)
-    return fig
 
 
 def _meta_tensor(prompts, key: str) -> torch.Tensor:

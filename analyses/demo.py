@@ -18,6 +18,7 @@ from analyses.patching import PatchConfig, run_patching
 from analyses.probing import ProbeConfig, probe_layers
 from analyses.state_tracking import prefix_boundary, signature
 from interpkit.models import load_model
+from interpkit.plots import finish
 from interpkit.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
 from tasks.permutations import encode_actions, parity_pairs, sample_stories, symmetric_group
 
@@ -113,9 +114,7 @@ def _heatmap(effect: torch.Tensor, layers: list[int], cells: list[int], path: Pa
     ax.set_xticks(range(len(cells)), cells, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def print_table(summary: dict, echo=print) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from analyses.patching import run_session
 from interpkit.errors import UserError
+from interpkit.plots import finish
 from interpkit.remote import ensure_shipped
 from interpkit.sites import site
 
@@ -249,11 +250,7 @@ class ProbeResult:
         ax.set_xticks(self.layers)
         ax.set_title(title)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-        return fig
+        return finish(fig, path)
 
 
 def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: ProbeConfig | None = None) -> ProbeResult:
@@ -370,11 +367,7 @@ class LengthwiseResult:
             ax.set_ylabel("layer (0 = embeddings)")
             ax.set_title(f"{t}: final-position probe accuracy")
             fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-        return fig
+        return finish(fig, path)
 
 
 def lengthwise_probe(lm, make_prompts: Callable, lengths, n_prompts: int = 200,

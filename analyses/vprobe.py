@@ -20,6 +20,7 @@ import torch
 
 from analyses.probing import _inputs, prompt_split, random_like
 from interpkit.errors import UserError
+from interpkit.plots import finish
 
 
 @dataclass
@@ -84,11 +85,7 @@ class VProbeResult:
         ax.set_ylabel("accuracy")
         ax.set_title(f"V-probe (rank {self.config.rank}) for {self.target!r}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-        return fig
+        return finish(fig, path)
 
 
 def fit_vprobe(hf: torch.nn.Module, inputs: dict, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor,

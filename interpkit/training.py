@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
+from interpkit.plots import finish
 from tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
                                 make_labels, perm_token_ids, sample_stories, special_prefix, symmetric_group)
 
@@ -531,11 +532,9 @@ def plot_accuracy(result: dict, path: str | Path, *, title: str | None = None) -
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "length generalisation")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
     return path
 
 

@@ -8,14 +8,12 @@ bilinear form; Omega's SVD is (optionally) a dense SVD of the d x (d+1) matrix p
 """
 from __future__ import annotations
 
-from collections import deque
-
 import networkx as nx
 import torch
 
 from analyses.attention_tracing import graphs as gr
 from analyses.attention_tracing.signals import minimal_set
-from analyses.attention_tracing.trace import TraceConfig, _node, traceable
+from analyses.attention_tracing.trace import Frontier, TraceConfig, _node, seeds
 
 
 class DenseSVD:
@@ -130,27 +128,17 @@ def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prom
     basis = direction[:, None] / direction.norm()
     values, shape = _upstream(dec, L, "q", basis, {end: (1.0, direction)}, {end: dec.sigma_final[end]}, end)
     has_bias = dec.bias is not None
-    sel = minimal_set(values, cfg.seed_share)
+    sel = seeds(values, cfg)
     if len(sel) == 0:
         return None, 0
-    if len(sel) > cfg.max_seeds:
-        sel = minimal_set(values, cfg.seed_share_fallback)
-    queue, visited = deque(), set()
-
-    def push(desc, pos):
-        if desc[0] == "head" and desc[3] >= 0 and traceable(dec, desc[1], desc[2], pos, desc[3], cfg):
-            key = (desc[1], desc[2], pos, desc[3])
-            if key not in visited:
-                visited.add(key)
-                queue.append(key)
-
+    frontier = Frontier(dec, cfg)
     for i in sel.tolist():
         desc = _describe(i, shape, has_bias)
         gr.add_edge(G, _node(desc, end, labels), root, "logit", float(values[i]))
-        push(desc, end)
+        frontier.push(desc, end)
     n_sides = 0
-    while queue and n_sides < 2 * cfg.max_edges:
-        layer, head, d, s = queue.popleft()
+    while frontier and n_sides < 2 * cfg.max_edges:
+        layer, head, d, s = frontier.pop()
         down = gr.node("head", layer, head, labels[d], labels[s], d, s)
         for side in ("q", "k"):
             n_sides += 1
@@ -163,5 +151,5 @@ def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prom
             for i in minimal_set(values, cfg.upstream_share).tolist():
                 desc = _describe(i, shape, has_bias)
                 gr.add_edge(G, _node(desc, pos, labels), down, side, float(values[i]))
-                push(desc, pos)
+                frontier.push(desc, pos)
     return G, n_sides

@@ -161,6 +161,34 @@ def traceable(dec, layer: int, head: int, d: int, s: int, cfg: TraceConfig) -> b
             and float(dec.A[layer, head, d, s]) >= cfg.attn_factor / (d + 1))
 
 
+def seeds(values: torch.Tensor, cfg: TraceConfig) -> torch.Tensor:
+    """Components selected at the logit: the minimal set reaching ``seed_share``, or the fallback share
+    when that set is larger than ``max_seeds``."""
+    sel = minimal_set(values, cfg.seed_share)
+    return minimal_set(values, cfg.seed_share_fallback) if len(sel) > cfg.max_seeds else sel
+
+
+class Frontier:
+    """The breadth-first search's queue: head edges (layer, head, dest, src) still to trace, each once,
+    and only those ``traceable`` admits."""
+
+    def __init__(self, dec, cfg: TraceConfig):
+        self.dec, self.cfg, self.queue, self.seen = dec, cfg, deque(), set()
+
+    def push(self, desc: tuple, pos: int) -> None:
+        if desc[0] == "head" and desc[3] >= 0 and traceable(self.dec, desc[1], desc[2], pos, desc[3], self.cfg):
+            key = (desc[1], desc[2], pos, desc[3])
+            if key not in self.seen:
+                self.seen.add(key)
+                self.queue.append(key)
+
+    def pop(self) -> tuple:
+        return self.queue.popleft()
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+
 # -- one prompt -------------------------------------------------------------------------------------
 def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: TraceConfig, prompt: int = 0):
     """(graph or None, records, status) for one decomposed prompt."""
@@ -170,27 +198,17 @@ def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: Tr
     con = contributions(dec, L, torch.tensor([end]), direction[:, None], torch.ones(1, 1, dtype=direction.dtype),
                         dec.sigma_final[[end]])
     cand = Candidates(con, end, fold_later=False)
-    sel = minimal_set(cand.values, cfg.seed_share)
+    sel = seeds(cand.values, cfg)
     if len(sel) == 0:
         return None, [], "logit difference <= 0"
-    if len(sel) > cfg.max_seeds:
-        sel = minimal_set(cand.values, cfg.seed_share_fallback)
-    queue, visited = deque(), set()
-
-    def enqueue(desc: tuple, pos: int) -> None:
-        if desc[0] == "head" and desc[3] >= 0 and traceable(dec, desc[1], desc[2], pos, desc[3], cfg):
-            key = (desc[1], desc[2], pos, desc[3])
-            if key not in visited:
-                visited.add(key)
-                queue.append(key)
-
+    frontier = Frontier(dec, cfg)
     for i in sel.tolist():
         desc = cand.describe(i)
         gr.add_edge(G, _node(desc, end, labels), root, "logit", float(cand.values[i]))
-        enqueue(desc, end)
+        frontier.push(desc, end)
     records = []
-    while queue and len(records) < 2 * cfg.max_edges:
-        layer, head, d, s = queue.popleft()
+    while frontier and len(records) < 2 * cfg.max_edges:
+        layer, head, d, s = frontier.pop()
         down = gr.node("head", layer, head, labels[d], labels[s], d, s)
         for side in ("q", "k"):
             sig = edge_signal(omega, dec, layer, head, d, s, side, cfg.signal_share)
@@ -206,7 +224,7 @@ def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: Tr
             for i in minimal_set(cand.values, cfg.upstream_share).tolist():
                 desc = cand.describe(i)
                 gr.add_edge(G, _node(desc, pos, labels), down, side, float(cand.values[i]))
-                enqueue(desc, pos)
+                frontier.push(desc, pos)
     return G, records, "traced"
 
 
