@@ -26,19 +26,36 @@ def doctor() -> None:
 def models() -> None:
     """List the built-in tiny models and known-good hub ids per family."""
     from interpkit.families import FAMILIES
+    from interpkit.remote.status import last_seen, seen_path
 
     typer.echo(f"{'family':<9} {'tiny model':<14} hub ids (weights need network; remote=True runs them on NDIF)")
     for fam in FAMILIES.values():
         typer.echo(f"{fam.name:<9} {'tiny:' + fam.name:<14} {', '.join(fam.hub_examples)}")
+    typer.echo("seen running on NDIF (recorded by each remote run's pre-check; NDIF's list changes):")
+    for fam in FAMILIES.values():
+        for hub_id in fam.hub_examples:
+            seen = last_seen(hub_id)
+            typer.echo(f"  {hub_id:<34} " + (f"seen running {seen.get('last_seen')} on {seen.get('host')}" if seen
+                                            else "not seen running yet (a --remote run checks before it starts)"))
+    typer.echo(f"  (record: {seen_path()})")
 
 
 @app.command()
 def demo(retrain: bool = typer.Option(False, help="Train the S3 model from its recipe instead of loading it."),
-         out: str = typer.Option("artifacts/demo", help="Where figures and summary.json go.")) -> None:
-    """Offline end-to-end demo on a small S3 state-tracking model: eval, probes, patching, AA/PAA verdict."""
+         out: str = typer.Option("artifacts/demo", help="Where figures and summary.json go."),
+         real: bool = typer.Option(True, "--real/--no-real", help="Also the real-model part (smollm2-135m)."),
+         quick: bool = typer.Option(False, help="Smaller real-model part (fewer pairs, facts, samples).")) -> None:
+    """Offline end-to-end demo: the S3 state-tracking model (eval, probes, patching, AA/PAA verdict) and
+    SmolLM2-135M (IOI handover, IOI heads, causal tracing of known facts)."""
     from analyses.demo import print_table, run_demo
+    from interpkit import validate as V
 
+    V.demo_options(out)
     print_table(run_demo(out, retrain=retrain, log=typer.echo), echo=typer.echo)
+    if real:
+        from analyses.demo_real import print_real, run_real_demo
+
+        print_real(run_real_demo(out, quick=quick, log=typer.echo), echo=typer.echo)
 
 
 @app.command()
@@ -50,20 +67,30 @@ def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. 
           layers: int = typer.Option(None), d_model: int = typer.Option(None), heads: int = typer.Option(None),
           train_len: int = typer.Option(None, help="Story length (tokens)."),
           steps: int = typer.Option(None), batch_size: int = typer.Option(None), lr: float = typer.Option(None),
-          seed: int = typer.Option(None), resume: bool = typer.Option(True, help="Continue from the last checkpoint.")) -> None:
-    """Train a model on permutation state tracking (direct-state supervision), resumably."""
-    import json
+          seed: int = typer.Option(None), resume: bool = typer.Option(True, help="Continue from the last checkpoint."),
+          supervision: str = typer.Option(None, help="direct_state | parity | next_token (topic-model stories)."),
+          dtype: str = typer.Option(None, help="float32 | bfloat16 (mixed precision)."),
+          patience: int = typer.Option(None, help="Early stopping: evaluations without a lower validation loss."),
+          save_every: int = typer.Option(None, help="Save a checkpoint every N steps and keep all of them."),
+          eval_every: int = typer.Option(None, help="Steps between validation evaluations."),
+          positions: str = typer.Option(None, help="default | none (gpt2 without position embeddings)."),
+          rotary_pct: float = typer.Option(None, help="neox: share of each head's dims that rotate."),
+          min_len: int = typer.Option(None, help="Mixed lengths: each step's length uniform in [min_len, train_len]."),
+          init_std: float = typer.Option(None, help="Initializer std (the demo uses 0.1)."),
+          topic_mapping: str = typer.Option(None, help="next_token: JSON topic-word matrix to start from.")) -> None:
+    """Train a model on permutation state tracking (direct_state, parity) or topic-model stories (next_token)."""
+    from interpkit import validate as V
+    from interpkit.training import train_command
 
-    from interpkit.training import TrainConfig, train as run_train
-
-    base = json.loads(open(recipe).read())["config"] if recipe else {}
     given = {"n": n, "arch": arch, "base_model": base_model, "n_layers": layers, "d_model": d_model,
-             "n_heads": heads, "train_len": train_len, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    cfg = TrainConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}, "output_dir": output_dir})
-    res = run_train(cfg, resume=resume)
-    ev = res.final_eval or {}
-    typer.echo(f"trained {res.step} steps in {res.wall_s:.0f}s -> {output_dir}; "
-               f"held-out min state accuracy {ev.get('min_state_acc', float('nan')):.4f}")
+             "n_heads": heads, "train_len": train_len, "steps": steps, "batch_size": batch_size, "lr": lr,
+             "seed": seed, "supervision": supervision, "dtype": dtype, "patience": patience, "eval_every": eval_every,
+             "positions": positions, "rotary_pct": rotary_pct, "min_len": min_len, "init_std": init_std,
+             "topic_mapping": topic_mapping}
+    if save_every is not None:
+        given.update(save_every=save_every, keep_checkpoints=0)
+    V.train_options(recipe, output_dir, given)
+    train_command(recipe, output_dir, {k: v for k, v in given.items() if v is not None}, resume=resume, echo=typer.echo)
 
 
 @app.command("eval")
@@ -71,40 +98,45 @@ def evaluate(model: str = typer.Option(..., help="A trained model directory."),
              factor: int = typer.Option(2, help="Evaluate up to factor x the training length."),
              train_len: int = typer.Option(None, help="Training length (read from recipe.json when present)."),
              n: int = typer.Option(3), stories: int = typer.Option(1000), seed: int = typer.Option(12345),
-             out: str = typer.Option("artifacts/eval", help="Where the plot and accuracies go.")) -> None:
+             out: str = typer.Option("artifacts/eval", help="Where the plot and accuracies go."),
+             dtype: str = typer.Option("float32", help="float32 | bfloat16."),
+             skip_layers: str = typer.Option(None, help="Layers whose blocks pass the residual through, e.g. 1,3."),
+             random_baseline: bool = typer.Option(False, help="Evaluate a random-weight copy of the model instead."),
+             lengthwise: str = typer.Option(None, help="Also the lengthwise probe: lengths start:end[:step], "
+                                                       "e.g. 2:16:2 (layer x length heatmap of final-state probes)."),
+             probe_stories: int = typer.Option(300, help="Stories per length for the lengthwise probe.")) -> None:
     """Length generalisation: state/parity accuracy per position up to 2x the training length, 0.98 cutoff."""
-    import json
-    from pathlib import Path
+    from analyses.state_tracking import eval_command
+    from interpkit import validate as V
 
-    from interpkit.errors import UserError
-    from interpkit.models import load_model
-    from interpkit.training import evaluate_length_generalization, plot_accuracy
-
-    recipe = Path(model) / "recipe.json"
-    if train_len is None:
-        if not recipe.exists():
-            raise UserError(f"{model} has no recipe.json; pass --train-len")
-        cfg = json.loads(recipe.read_text())["config"]
-        train_len, n = cfg["train_len"], cfg["n"]
-    lm = load_model(model)
-    res = evaluate_length_generalization(lm.hf, lm.tokenizer, n=n, train_len=train_len, factor=factor,
-                                         n_stories=stories, seed=seed)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    plot_accuracy(res, Path(out) / "accuracy_vs_length.png")
-    (Path(out) / "eval.json").write_text(json.dumps(res, indent=1))
-    typer.echo(f"state accuracy within training length (min) {res['min_state_acc_in_train_len']:.4f}; "
-               f"beyond (mean) {res['mean_state_acc_beyond']:.4f}; cutoff(0.98) state {res['state_cutoff']}, "
-               f"parity {res['parity_cutoff']}; plot in {out}/")
+    V.eval_options(model, factor, train_len, n, stories, seed, out)
+    eval_command(model, factor=factor, train_len=train_len, n=n, stories=stories, seed=seed, out=out, dtype=dtype,
+                 skip_layers=_int_list(skip_layers), random_baseline=random_baseline, lengthwise=lengthwise,
+                 probe_stories=probe_stories, echo=typer.echo)
 
 
 @app.command()
 def data(out: str = typer.Option("artifacts/data/s3", help="Output directory (train.npz, test.npz)."),
          n: int = typer.Option(3), length: int = typer.Option(100), stories: int = typer.Option(100_000),
-         seed: int = typer.Option(0), train_ratio: float = typer.Option(0.9)) -> None:
-    """Export permutation state-tracking data, one file per split."""
-    from tasks.permutations import export_dataset
+         seed: int = typer.Option(0), train_ratio: float = typer.Option(0.9),
+         kind: str = typer.Option("permutations", help="permutations | topic (LDA pretraining stories) | cfg | igsm "
+                                                       "(Physics-of-LMs data, --stories examples, JSON lines)."),
+         topics: int = typer.Option(4, help="topic: number of topics."),
+         alpha: float = typer.Option(0.3, help="topic: Dirichlet prior of the per-story topic mix."),
+         beta: float = typer.Option(0.3, help="topic: Dirichlet prior of the topic-word distributions."),
+         topic_mapping: str = typer.Option(None, help="topic: start from this JSON [topics, n!] topic-word matrix.")) -> None:
+    """Export permutation state-tracking data or topic-model pretraining data, one file per split."""
+    from interpkit import validate as V
+    from tasks.permutations import data_command
 
-    for split, path in export_dataset(out, stories, length, n, seed=seed, train_ratio=train_ratio).items():
+    V.writable_dir("--out", out)
+    if kind in ("cfg", "igsm"):                   # issue 18: synthetic CFG strings / iGSM problems
+        from analyses.physics.command import data_command as physics_data
+        physics_data(kind, out, stories, seed, echo=typer.echo)
+        return
+    for split, path in data_command(out, kind=kind, n=n, length=length, stories=stories, seed=seed,
+                                    train_ratio=train_ratio, topics=topics, alpha=alpha, beta=beta,
+                                    topic_mapping=topic_mapping).items():
         typer.echo(f"{split}: {path}")
 
 
@@ -115,9 +147,11 @@ def serve(model: str = typer.Option("tiny:gpt2", help="The model the loopback se
     """Run the loopback NDIF-compatible server on 127.0.0.1, to try remote scripts before spending NDIF time."""
     import time
 
+    from interpkit import validate as V
     from interpkit.models import load_model
     from interpkit.remote.loopback import LoopbackNDIF
 
+    V.serve_options(model, api_key, seconds)
     lm = load_model(model)
     server = LoopbackNDIF(lm.model, api_key=api_key)
     server.start()
@@ -145,30 +179,61 @@ def attn_trace(task: str = typer.Option(..., help="ioi | gt | gp"),
                seed_share: float = typer.Option(1.0, help="Share of the logit difference the seeds must cover."),
                upstream_share: float = typer.Option(0.7, help="Share of a signal upstream contributors must cover."),
                require_correct: bool = typer.Option(True, help="Trace only prompts the model answers correctly."),
+               labels: str = typer.Option("role", help="Node labels: role (task roles) | tokens (the prompt's "
+                                                       "tokens, the paper's -tt) | position."),
+               center: bool = typer.Option(True, help="Centre W_Q/W_K over d_model (LayerNorm models; the paper's "
+                                                      "TransformerLens weights). --no-center: uncentred."),
                run_id: str = typer.Option(None, help="Run directory name (default: derived from the config).")) -> None:
     """Attention-causal tracing: Omega-SVD signals of every traced edge into per-prompt circuit graphs."""
     from analyses.attention_tracing.commands import attn_trace_command
+    from interpkit import validate as V
 
+    V.attn_trace_options(model, prompts, seed, batch_size, attn_factor, {"--signal-share": signal_share,
+                         "--seed-share": seed_share, "--upstream-share": upstream_share}, run_id)
     attn_trace_command(task, model, n=prompts, seed=seed, remote=remote, batch_size=batch_size,
                        attn_factor=attn_factor, signal_share=signal_share, seed_share=seed_share,
-                       upstream_share=upstream_share, require_correct=require_correct, run_id=run_id,
-                       echo=typer.echo)
+                       upstream_share=upstream_share, require_correct=require_correct, labels=labels,
+                       center=center, run_id=run_id, echo=typer.echo)
 
 
 @app.command()
-def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | compare"),
+def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | compare | sweep | sparsity | control"),
             run: str = typer.Option(..., help="An attn-trace run directory."),
             remote: bool = typer.Option(False), what: str = typer.Option("edge", help="edge | input"),
             min_prompts: int = typer.Option(15, help="Keep edges seen in at least this many prompts."),
             min_effect: float = typer.Option(0.2, help="Keep edges with |mean delta logit diff| >= this."),
             min_frequency: float = typer.Option(0.0, help="Drop nodes seen in fewer than this share of prompts."),
-            reference: str = typer.Option("ioi-gpt2-wang2022", help="Reference circuit for compare."),
-            include_mlp: bool = typer.Option(False, help="Compare MLP nodes too.")) -> None:
-    """Circuits from traced graphs: unify across prompts, intervene on edges, prune, compare to a reference."""
+            reference: str = typer.Option(None, help="Reference circuit(s) for compare/sweep, comma-separated "
+                                                     "(default: the task's: ioi-gpt2-wang2022, gt-gpt2-hanna2023, "
+                                                     "gp-gpt2-mathwin2023) or a file."),
+            include_mlp: bool = typer.Option(None, "--include-mlp/--no-include-mlp",
+                                             help="Compare MLP nodes too (default: as the paper, MLPs for GT/GP)."),
+            thresholds: str = typer.Option(None, help="sweep: thresholds, e.g. 0,0.1,0.2 (default 0..1 by 0.05)."),
+            attn_thresh: float = typer.Option(0.4, help="control: firings have attention >= this."),
+            similarity: float = typer.Option(0.5, help="control: max mean cosine distance of a controlled head."),
+            cluster_threshold: float = typer.Option(0.97, help="control: average-linkage cut (cosine distance)."),
+            max_prompts: int = typer.Option(16, help="sweep/control: traced prompts used.")) -> None:
+    """Circuits from traced graphs: unify, intervene, prune, compare (P/R/F1 bars), threshold sweep,
+    sparse attention decomposition, control signals."""
     from analyses.attention_tracing.commands import circuit_command
+    from interpkit import validate as V
 
+    V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency)
+    ths = None if thresholds is None else [float(x) for x in _float_list(thresholds)]
     circuit_command(action, run, remote=remote, what=what, min_prompts=min_prompts, min_effect=min_effect,
-                    min_frequency=min_frequency, reference=reference, include_mlp=include_mlp, echo=typer.echo)
+                    min_frequency=min_frequency, reference=reference, include_mlp=include_mlp, thresholds=ths,
+                    attn_thresh=attn_thresh, similarity=similarity, cluster_threshold=cluster_threshold,
+                    max_prompts=max_prompts, echo=typer.echo)
+
+
+def _float_list(text: str) -> list[float]:
+    """"0,0.1,0.2" -> [0.0, 0.1, 0.2] (CLI lists)."""
+    from interpkit.errors import UserError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 @app.command("causal-trace")
@@ -176,7 +241,9 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                  facts: int = typer.Option(100, help="Trace the first N facts the model knows."),
                  kind: str = typer.Option(None, help="hidden | mlp | attn | all (default all)."),
                  severed: bool = typer.Option(None, "--severed/--no-severed", help="Also severed runs."),
-                 noise: str = typer.Option(None, help='"3sigma" (default), "<k>sigma" or a number.'),
+                 noise: str = typer.Option(None, help='"3sigma" (default), "<k>sigma", a number, u<x> (uniform), '
+                                                      'm / m<k> (Gaussian, subjects\' covariance), t<dof> (Student-t), '
+                                                      'subject (another subject\'s embeddings).'),
                  config: str = typer.Option(None, help="YAML file of TraceConfig fields."),
                  remote: bool = typer.Option(False, help="Run on NDIF: one request per chunk of facts."),
                  task: str = typer.Option("facts", help="facts (known_1000) or synthetic_facts."),
@@ -185,13 +252,21 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                  seed: int = typer.Option(None), max_rows: int = typer.Option(None, help="Rows per forward."),
                  engine: str = typer.Option(None, help="prefix (default: skips work a restoration cannot "
                                                        "change) or batched (full forwards)."),
-                 run_id: str = typer.Option(None), root: str = typer.Option("artifacts")) -> None:
+                 run_id: str = typer.Option(None), root: str = typer.Option("artifacts"),
+                 replace: bool = typer.Option(None, "--replace/--no-replace", help="Replace the subject's embeddings "
+                                              "instead of adding noise (alone: by another subject's)."),
+                 fact_file: str = typer.Option(None, help="Facts in the known_1000.json format (default: known_1000).")) -> None:
     """ROME causal tracing: which hidden states, MLPs and attention layers carry a fact (resumable)."""
     from analyses.causal_tracing import causal_trace_command
+    from interpkit import validate as V
+    from interpkit.store import remote_scope
 
-    causal_trace_command(model, facts=facts, kind=kind, severed=severed, noise=noise, config=config,
-                         remote=remote, task=task, samples=samples, window=window, seed=seed,
-                         max_rows=max_rows, engine=engine, root=root, run_id=run_id, echo=typer.echo)
+    V.causal_trace_options(model, facts, noise, config, samples, window, seed, max_rows, run_id, root)
+    with remote_scope(remote):                     # the run store records the run as remote (and where)
+        causal_trace_command(model, facts=facts, kind=kind, severed=severed, noise=noise, config=config,
+                             remote=remote, task=task, samples=samples, window=window, seed=seed,
+                             max_rows=max_rows, engine=engine, root=root, run_id=run_id, echo=typer.echo,
+                             replace=replace, fact_file=fact_file)
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -220,14 +295,22 @@ def patch(task: str = typer.Option(..., help="ioi | gt | gp | permutations"),
           n: int = typer.Option(64, help="Prompt pairs."), seed: int = typer.Option(0),
           max_rows: int = typer.Option(512, help="Rows per forward (memory knob)."),
           remote: bool = typer.Option(False, help="Run on NDIF: the whole sweep is one request."),
-          reuse_prefix: bool = typer.Option(False, help="Skip work a patch cannot change (KV-cache reuse; remotely one request)."),
+          engine: str = typer.Option("prefix", help="prefix: skip cells and work a patch cannot change (base "
+                                                    "run's KV cache); full: the plain reference engine."),
+          normalize: str = typer.Option("pair", help="pair: each pair by its own base-source gap; mean: the "
+                                                     "batch-mean metric (TransformerLens's convention)."),
+          min_gap: float = typer.Option(0.1, help="Exclude pairs whose |source - base| is below this x the median."),
           run_id: str = typer.Option(None)) -> None:
     """Activation patching (exact) and attribution patching by layer x position or layer x head."""
+    from interpkit import validate as V
+
+    V.model_name(model)                            # before the heavy imports: a typo fails in a blink
     from analyses.patching_cli import patch_command
 
     patch_command(task, model, site=site, method=method, direction=direction, by=by, remote=remote, n=n, seed=seed,
                   layers=_int_list(layers), region=region, window=window, mode=mode, metric=metric,
-                  max_rows=max_rows, reuse_prefix=reuse_prefix, run_id=run_id, echo=typer.echo)
+                  max_rows=max_rows, engine=engine, run_id=run_id, normalize=normalize,
+                  min_gap=min_gap, echo=typer.echo)
 
 
 @app.command()
@@ -239,9 +322,11 @@ def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family
           remote: bool = typer.Option(False, help="Collect activations on NDIF (one request).")) -> None:
     """Linear probes on the residual stream at every layer, split by prompt."""
     from analyses.probing import probe_command
+    from interpkit import validate as V
 
-    probe_command(model, task, [t.strip() for t in targets.split(",") if t.strip()], positions=positions, n=n,
-                  seed=seed, remote=remote)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    V.probe_options(model, n, names, positions, seed)
+    probe_command(model, task, names, positions=positions, n=n, seed=seed, remote=remote)
 
 
 @app.command()
@@ -251,12 +336,31 @@ def circle(task: str = typer.Option(..., help="days | months"),
            layers: str = typer.Option(None, help="Intervention layers, e.g. 0,1 (default all)."),
            remote: bool = typer.Option(False, help="Run the traces on NDIF."),
            random_baseline: bool = typer.Option(True, help="Also probe a random-weight copy (local models)."),
-           seed: int = typer.Option(0)) -> None:
-    """Circular features (Engels et al. 2024): circle probe R^2 per layer and circle interventions."""
+           seed: int = typer.Option(0),
+           role: str = typer.Option("start", help="start (a) | duration (b) | result (c at the final token, with "
+                                                   "interventions) | end (c there, probe only)."),
+           probe_on: str = typer.Option("cos,sin", help="Probe targets among cos, sin, linear (the paper's "
+                                                         "--probe_on_cos/--probe_on_sin)."),
+           intervene: bool = typer.Option(True, help="Run the interventions (--no-intervene: probe only)."),
+           sweep_layer: int = typer.Option(None, help="Intervene inside the circle at this layer (radius x angle)."),
+           sweep_between: str = typer.Option("0,1", help="The sweep's two values, e.g. 0,1 (Monday to Tuesday)."),
+           rgb_layers: str = typer.Option(None, help="Residual RGB plots / feature deconstruction at these layers."),
+           rgb_role: str = typer.Option("end", help="Token of the RGB plots (a role: start, duration, end).")) -> None:
+    """Circular features (Engels et al. 2024): circle probe R^2 per layer, circle interventions, the
+    middle-of-circle sweep and residual RGB deconstruction."""
     from analyses.circles import CircleConfig, circle_command
+    from interpkit import validate as V
+    from interpkit.errors import UserError
 
-    circle_command(task, model, remote=remote, cfg=CircleConfig(k=k, layers=_int_list(layers), seed=seed),
-                   random_baseline=random_baseline, seed=seed)
+    V.circle_options(model, k, _int_list(layers), seed)
+    between = _int_list(sweep_between) or []
+    if len(between) != 2:
+        raise UserError(f"--sweep-between {sweep_between!r}: give two values, e.g. 0,1")
+    cfg = CircleConfig(k=k, layers=_int_list(layers), seed=seed, role=role, intervene=intervene,
+                       probe_on=tuple(t.strip() for t in probe_on.split(",") if t.strip()))
+    circle_command(task, model, remote=remote, cfg=cfg, random_baseline=random_baseline, seed=seed,
+                   sweep=None if sweep_layer is None else (sweep_layer, *between),
+                   rgb_layers=_int_list(rgb_layers), rgb_role=rgb_role)
 
 
 @app.command()
@@ -265,25 +369,178 @@ def vprobe(model: str = typer.Option(..., help="A local model (the probe trains 
            n: int = typer.Option(None, help="Prompts (default: the whole task)."), seed: int = typer.Option(0)) -> None:
     """V-probe (Allen-Zhu & Li): frozen model, rank-r embedding update + linear head, vs random weights."""
     from analyses.vprobe import vprobe_command
+    from interpkit import validate as V
 
+    V.vprobe_options(model, n, seed)
     vprobe_command(model, task, target, n=n, seed=seed)
 
 
-def main() -> None:
-    """Console-script entry: run the app, turning UserError into one line on stderr and exit code 2."""
-    from interpkit.errors import UserError
+# -- everyday tools (issue 16): cache, logit-lens, dla, attention, steer; bodies in analyses/tools/command.py --
+_MODEL_HELP = "Hub id, local dir, smollm2-135m or tiny:<family>."
+_DTYPE_HELP = "float32 | bfloat16 | float16 (default: the model's own)."
 
+
+@app.command("cache")
+def cache_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+              sites: str = typer.Option("resid_pre", help="Comma-separated: resid_pre, resid_post, attn_out, mlp_out, "
+                                                          "head_out, pattern, q, k, v."),
+              layers: str = typer.Option(None, help="Layers, e.g. 0,5 (default all)."),
+              task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."),
+              dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
+              prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+              n: int = typer.Option(8, help="Prompts from the task/dataset."), seed: int = typer.Option(0),
+              max_gb: float = typer.Option(4.0, help="Refuse when the cache estimate exceeds this (GiB)."),
+              remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+              dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None, help="e.g. cpu, cuda:0."),
+              out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
+              run_id: str = typer.Option(None)) -> None:
+    """Activation cache of any uniform sites for a batch in one trace, written to HDF5."""
+    from analyses.tools.command import cache_command
+
+    cache_command(model, sites=sites, layers=_int_list(layers), task=task, dataset=dataset, prompts=prompt, n=n,
+                  seed=seed, remote=remote, dtype=dtype, device=device, max_gb=max_gb, out=out, run_id=run_id,
+                  echo=typer.echo)
+
+
+@app.command("logit-lens")
+def logit_lens_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+                   task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."),
+                   dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
+                   prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+                   n: int = typer.Option(16), seed: int = typer.Option(0),
+                   top_k: int = typer.Option(5, help="Top tokens per layer and position."),
+                   remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+                   dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
+                   out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
+                   run_id: str = typer.Option(None)) -> None:
+    """Logit lens: final norm + unembedding on the residual at every layer; answer rank/probability per layer."""
+    from analyses.tools.command import logit_lens_command
+
+    logit_lens_command(model, task=task, dataset=dataset, prompts=prompt, n=n, seed=seed, top_k=top_k,
+                       remote=remote, dtype=dtype, device=device, out=out, run_id=run_id, echo=typer.echo)
+
+
+@app.command("dla")
+def dla_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+            task: str = typer.Option(None, help="A task with answers (ioi, gt, gp, ...)."),
+            dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file with answers."),
+            n: int = typer.Option(16), seed: int = typer.Option(0), top: int = typer.Option(10),
+            by_source: bool = typer.Option(False, help="Also split each head by source position."),
+            remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+            dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
+            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
+            run_id: str = typer.Option(None)) -> None:
+    """Direct logit attribution of the logit difference to embedding, heads and MLPs (final-norm scale frozen)."""
+    from analyses.tools.command import dla_command
+
+    dla_command(model, task=task, dataset=dataset, n=n, seed=seed, top=top, by_source=by_source, remote=remote,
+                dtype=dtype, device=device, out=out, run_id=run_id, echo=typer.echo)
+
+
+@app.command("attention")
+def attention_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+                  task: str = typer.Option(None, help="A task (ioi, gt, gp, permutations, ...)."),
+                  dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
+                  prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+                  n: int = typer.Option(16), seed: int = typer.Option(0),
+                  roles: str = typer.Option(None, help="dest:src role pairs, e.g. end:IO,S2:S1."),
+                  dest: str = typer.Option(None, help="Show where this role (e.g. end) attends, per layer."),
+                  show: int = typer.Option(0, help="Prompt whose patterns are drawn."),
+                  layers: str = typer.Option(None, help="Layers, e.g. 0,5 (default all)."),
+                  detect: bool = typer.Option(False, help="Previous-token / duplicate / induction head detectors."),
+                  n_tokens: int = typer.Option(20, help="Detector: length of the repeated random sequence."),
+                  threshold: float = typer.Option(0.4, help="Detector: flag heads scoring above this."),
+                  remote: bool = typer.Option(False, help="Run on NDIF (one request per part)."),
+                  dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
+                  out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
+                  run_id: str = typer.Option(None)) -> None:
+    """Attention patterns per head, role-to-role attention, and head detectors."""
+    from analyses.tools.command import attention_command
+
+    attention_command(model, task=task, dataset=dataset, prompts=prompt, n=n, seed=seed, roles=roles, dest=dest,
+                      show=show, layers=_int_list(layers), detect=detect, n_tokens=n_tokens, threshold=threshold,
+                      remote=remote, dtype=dtype, device=device, out=out, run_id=run_id, echo=typer.echo)
+
+
+@app.command("steer")
+def steer_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+              layer: int = typer.Option(..., help="Layer whose output gets the vector."),
+              positive: list[str] = typer.Option(None, help="A positive prompt (repeatable)."),
+              negative: list[str] = typer.Option(None, help="A negative prompt (repeatable)."),
+              positive_file: str = typer.Option(None, help="Positive prompts, one per line."),
+              negative_file: str = typer.Option(None, help="Negative prompts, one per line."),
+              prompt: list[str] = typer.Option(None, help="A prompt to generate from (repeatable)."),
+              coefficients: str = typer.Option("0,4,8", help="Comma-separated coefficients to sweep."),
+              max_new_tokens: int = typer.Option(12),
+              pos_word: str = typer.Option(None, help="Sweep metric: log p(pos_word) - log p(neg_word)."),
+              neg_word: str = typer.Option(None),
+              remote: bool = typer.Option(False, help="Run on NDIF (the whole sweep is one request)."),
+              dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
+              out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
+              run_id: str = typer.Option(None)) -> None:
+    """Steering by contrastive activation addition, generated side by side with the unsteered text."""
+    from analyses.tools.command import steer_command
+
+    steer_command(model, layer, positive=positive, negative=negative, positive_file=positive_file,
+                  negative_file=negative_file, prompts=prompt, coefficients=_float_list(coefficients),
+                  max_new_tokens=max_new_tokens, pos_word=pos_word, neg_word=neg_word, remote=remote, dtype=dtype,
+                  device=device, out=out, run_id=run_id, echo=typer.echo)
+
+
+@app.command()
+def reducibility(model: str = typer.Option(None, help="Also a layer's activations of this model (local)."),
+                 task: str = typer.Option("days", help="days | months (with --model)."),
+                 layer: int = typer.Option(None, help="Layer (0 = embeddings; default every layer)."),
+                 role: str = typer.Option("start", help="Token whose residual is analysed (start, duration, end)."),
+                 n: int = typer.Option(1000, help="Points per synthetic cloud."),
+                 eps: float = typer.Option(0.1, help="epsilon of the mixture index."),
+                 seed: int = typer.Option(0)) -> None:
+    """Engels et al.'s reducibility demo: epsilon-mixture and separability indices on synthetic clouds
+    and on the top PCA pairs of a layer's residual."""
+    from analyses.irreducibility import reducibility_command
+
+    reducibility_command(model, task=task, layer=layer, role=role, n=n, eps=eps, seed=seed, echo=typer.echo)
+
+
+from analyses.physics.cli import app as _physics_app  # noqa: E402  (issue 18)
+from analyses.sae.cli import app as _sae_app  # noqa: E402  (issue 18)
+app.add_typer(_physics_app, name="physics"); app.add_typer(_sae_app, name="sae")  # noqa: E702
+
+
+def main() -> None:
+    """Console-script entry: bad input and known failures become one line on stderr and exit code 2;
+    an unexpected error is one line and exit code 1. ``--debug`` (anywhere) shows tracebacks instead."""
+    from interpkit.errors import UserError, explain, first_line
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv = [a for i, a in enumerate(sys.argv) if i == 0 or a != "--debug"]
     try:
         code = app(standalone_mode=False)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except Exception as e:                         # Typer's (vendored click) usage errors: one line too
-        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):   # Typer's (click) usage errors
+            typer.echo(f"error: {_one_line(e.format_message())} (see --help)", err=True)
+            sys.exit(2 if e.exit_code else 0)
+        if debug:
             raise
-        typer.echo(f"error: {e.format_message()} (see --help)", err=True)
-        sys.exit(e.exit_code)
+        if isinstance(e, UserError):
+            typer.echo(f"error: {_one_line(str(e))}", err=True)
+            sys.exit(2)
+        mapped = explain(e)
+        if mapped is not None:
+            typer.echo(f"error: {_one_line(str(mapped))}", err=True)
+            sys.exit(2)
+        typer.echo(f"error: unexpected {type(e).__name__}: {first_line(e)} (a bug in interpkit: rerun with "
+                   f"--debug for the traceback and report it)", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

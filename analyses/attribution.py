@@ -22,8 +22,10 @@ import time
 
 import torch
 
-from analyses.patching import (PatchConfig, PatchResult, _metric, _region_mask, patch_site, run_session,
-                               sweep_inputs)
+from analyses.patching import PatchConfig, PatchResult, region_mask, sweep_inputs
+from interpkit.engine.inside import patch_site
+from interpkit.engine.run import run_session
+from interpkit.metrics import score
 
 
 def _grad_site(model, site_name: str, layer: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def trace_attribution(model, inputs: dict, site_name: str, layers: list, n_heads
         acts = list()
         for layer in layers:
             acts.append(_grad_site(model, site_name, layer))
-        values = _metric(metric, model.output.logits[:, -1], answer, wrong, candidates)
+        values = score(metric, model.output.logits[:, -1], answer, wrong, candidates)
         scores = values.detach().save()
         contrib = list().save()
         with values[n_pairs:].sum().backward(inputs=acts):
@@ -115,7 +117,7 @@ def _cell_sums(cfg: PatchConfig, per_pos: torch.Tensor, cells: list[int], T: int
     """Sum per-position (per-head) contributions over each cell's region: [P, layers, cells]."""
     if cfg.by == "head":
         return per_pos.sum(2)[..., cells]                             # a head at every position
-    region = torch.stack([_region_mask(cfg, c, T) for c in cells]).to(per_pos.dtype)   # [cells, T]
+    region = torch.stack([region_mask(cfg, c, T) for c in cells]).to(per_pos.dtype)   # [cells, T]
     return torch.einsum("plth,ct->plc", per_pos, region)              # all heads at the region's positions
 
 

@@ -29,12 +29,12 @@ remotely, one chunk of facts is one request (a session of the chunk's forwards).
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from analyses.causal_noise import MODEL_RULES, build_noise_model, corrupt
 from interpkit.errors import UserError
 from interpkit.sites import site
 
@@ -58,6 +58,7 @@ class TraceConfig:
 
     noise: str | float = "3sigma"   # "<k>sigma": k x std of subject embeddings over the dataset; or a number
     uniform: bool = False           # uniform noise in [-level, level] instead of level * N(0, 1)
+    replace: bool = False           # replace the subject embeddings by the sample (analyses.causal_noise)
     samples: int = 10               # corrupted samples per fact
     window: int = 10                # layers per mlp / attn restoration window
     kinds: list[str] = field(default_factory=lambda: list(BASE_KINDS))
@@ -90,17 +91,12 @@ class TraceConfig:
 
 
 def parse_noise(noise) -> tuple[str, float]:
-    """("sigma", k) for "<k>sigma" / "s<k>", ("fixed", x) for a number."""
-    if isinstance(noise, (int, float)) and not isinstance(noise, bool):
-        return "fixed", float(noise)
-    text = str(noise).strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*sigma|s(\d+(?:\.\d+)?)", text)
-    if m:
-        return "sigma", float(m.group(1) or m.group(2))
-    try:
-        return "fixed", float(text)
-    except ValueError:
-        raise UserError(f"bad --noise {noise!r}; use 3sigma (3 x std of subject embeddings) or a number") from None
+    """("sigma", k) for "<k>sigma" / "s<k>", ("fixed", x) for a number; the other rules of
+    ``analyses.causal_noise`` (uniform, mvn, t, subject) as (kind, value)."""
+    from analyses.causal_noise import parse_rule
+
+    rule = parse_rule(noise)
+    return rule.kind, rule.value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +156,8 @@ def position_labels(n_tokens: int, subject_first: int, subject_last: int) -> lis
 
 def fact_noise(cfg: TraceConfig, fact: Fact, d_model: int, level: float) -> torch.Tensor:
     """[samples, n_subject_tokens, d] noise, fixed by (cfg.seed, fact.key) so reruns and chunkings agree."""
+    if hasattr(level, "sample"):                   # a causal_noise.NoiseModel (other rules, --replace)
+        return level.sample(cfg, fact, d_model)
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + fact.key) % (2 ** 63))
     shape = (cfg.samples, fact.subject_last - fact.subject_first + 1, d_model)
     if cfg.uniform:
@@ -243,7 +241,7 @@ def trace_rows(model, ids: torch.Tensor, bank: torch.Tensor, bank_idx: torch.Ten
     inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
     with model.trace(inputs, logits_to_keep=1, remote=remote):
         e = model.embed.output
-        model.embed.output = e + bank.to(device=e.device, dtype=e.dtype)[bank_idx.to(e.device)]
+        model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype)[bank_idx.to(e.device)])
         for layer, site_, rows, pos, src in writes:
             x = site(model, SITE_NAMES[site_], layer)
             x[rows, pos] = x[src, pos]
@@ -400,12 +398,7 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     One batched pass over the PromptSet (one forward per max_rows prompts; one request remotely).
     Position ids count from each prompt's first real token, so left padding does not move positions.
     """
-    facts = facts_of(prompts)
-    sub = torch.zeros_like(prompts.attention_mask, dtype=torch.bool)
-    T = prompts.input_ids.shape[1]
-    for f in facts:
-        pad = T - len(f.ids)
-        sub[f.index, pad + f.subject_first: pad + f.subject_last + 1] = True
+    sub = subject_mask(prompts)
     pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
     jobs = [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
               "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
@@ -425,6 +418,16 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     return std, torch.cat([o[1] for o in outs])
 
 
+def subject_mask(prompts) -> torch.Tensor:
+    """[N, T] bool: the subject tokens of every (left-padded) prompt."""
+    sub = torch.zeros_like(prompts.attention_mask, dtype=torch.bool)
+    T = prompts.input_ids.shape[1]
+    for f in facts_of(prompts):
+        pad = T - len(f.ids)
+        sub[f.index, pad + f.subject_first: pad + f.subject_last + 1] = True
+    return sub
+
+
 def _dataset_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
     with model.trace(inputs, logits_to_keep=1, remote=remote):
         e = model.embed.output
@@ -436,6 +439,8 @@ def _dataset_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
 
 def noise_level(lm, prompts, cfg: TraceConfig, subject_std: float | None = None) -> float:
     mode, value = parse_noise(cfg.noise)
+    if mode in MODEL_RULES or cfg.replace:
+        return build_noise_model(lm, prompts, cfg)
     if mode == "fixed":
         return value
     if subject_std is None:
@@ -488,7 +493,7 @@ def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
 
 
 def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | None = None,
-                       on_chunk=None, skip_chunk=None) -> TraceResult:
+                       on_chunk=None, skip_chunk=None, noise=None) -> TraceResult:
     """Trace every fact of ``prompts`` (a PromptSet with subject roles), ``cfg.facts_per_chunk`` at a time.
 
     ``on_chunk(i, traces, seconds)`` is called after each chunk; ``skip_chunk(i)`` returning a list of
@@ -496,7 +501,7 @@ def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | No
     """
     cfg.validate()
     t0 = time.perf_counter()
-    level = noise_level(lm, prompts, cfg, subject_std)
+    level = noise if noise is not None else noise_level(lm, prompts, cfg, subject_std)   # noise: a NoiseModel
     t_level = time.perf_counter() - t0
     facts = facts_of(prompts)
     answers = prompts.answer_ids[:, 0].tolist() if cfg.answer == "given" else None
@@ -513,7 +518,7 @@ def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | No
         if on_chunk is not None:
             on_chunk(c, chunk, time.perf_counter() - t1)
         out += chunk
-    return TraceResult(config=cfg, noise_level=level, kinds=cfg.all_kinds(), facts=out,
+    return TraceResult(config=cfg, noise_level=float(level), kinds=cfg.all_kinds(), facts=out,
                        timings={"noise_level_s": t_level, "trace_s": time.perf_counter() - t0 - t_level})
 
 
@@ -587,11 +592,17 @@ def _kinds_option(kind: str | None) -> list[str] | None:
     return [kind]
 
 
-def _prompt_set(lm, task: str):
+def _prompt_set(lm, task: str, fact_file: str | None = None):
+    if str(task).lower().endswith((".jsonl", ".csv")):     # --dataset: your own facts (tasks/custom.py)
+        from tasks.custom import load_dataset
+
+        return load_dataset(task, lm.tokenizer, need_subject=True, echo=print)
     if task == "facts":
         from tasks.known_facts import build
 
-        return build(lm.tokenizer)
+        return build(lm.tokenizer, path=fact_file)
+    if fact_file is not None:
+        raise UserError("--fact-file needs --task facts (a known_1000-format file)")
     if task == "synthetic_facts":
         from tasks.synthetic_facts import make_facts, prompt_set
 
@@ -604,7 +615,8 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
                          task: str = "facts", samples: int | None = None, window: int | None = None,
                          seed: int | None = None, max_rows: int | None = None, engine: str | None = None,
                          root: str = "artifacts",
-                         run_id: str | None = None, echo=print) -> TraceResult:
+                         run_id: str | None = None, echo=print, replace: bool | None = None,
+                         fact_file: str | None = None) -> TraceResult:
     """``interpkit causal-trace``: trace the first ``facts`` facts the model knows, store chunks, plot.
 
     The subject-embedding std and the clean top-1 of every prompt come from one batched pass over the
@@ -613,29 +625,35 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
     """
     from interpkit.models import load_model
     from interpkit.store import RunStore
-    from tasks.known_facts import filter_known
 
+    noise = "subject" if replace and noise is None else noise      # --replace alone: another subject's embeddings
     cfg = load_config(config, kinds=_kinds_option(kind), severed=severed, noise=noise, samples=samples,
-                      window=window, seed=seed, max_rows=max_rows, engine=engine)
+                      window=window, seed=seed, max_rows=max_rows, engine=engine, replace=replace)
     if facts is not None and facts < 1:
         raise UserError("--facts must be >= 1")
     lm = load_model(model, remote=remote)
     if cfg.window >= lm.arch.n_layers and any(k in cfg.all_kinds() for k in ("mlp", "attn")):
         echo(f"note: window {cfg.window} >= {lm.arch.n_layers} layers, so every mlp/attn restoration covers "
              f"all layers; pass --window (ROME's 10 suits models with ~40+ layers)")
-    prompts = _prompt_set(lm, task)
+    prompts = _prompt_set(lm, task, fact_file)
     ident = {**config_dict_of(cfg), "task": task, "facts": facts}
+    if fact_file is not None:                      # another file: another run
+        import hashlib
+
+        ident["fact_file"] = hashlib.sha256(open(fact_file, "rb").read()).hexdigest()[:16]
     store = RunStore("causal_tracing", ident, model=model, revision=lm.revision, seed=cfg.seed, root=root,
                      run_id=run_id)
     if "known_rows" in store.manifest:
         std, rows = store.manifest["subject_std"], store.manifest["known_rows"]
     else:
+        from analyses.known_facts_scan import scan_known
+
         t0 = time.perf_counter()
-        std, top1 = dataset_pass(lm, prompts)
-        known = filter_known(prompts, top1)
-        rows = [i for i in range(len(prompts)) if int(top1[i]) == int(prompts.answer_ids[i, 0])]
+        scan, _ = scan_known(lm, prompts, facts, subject_mask(prompts), log=echo)
+        std, rows = scan.subject_std, scan.known_rows(prompts.answer_ids)
         store.time("dataset_pass", time.perf_counter() - t0)
-        store.note(subject_std=std, known_rows=rows, n_dataset=len(prompts), n_known=len(known))
+        store.note(subject_std=std, known_rows=rows, n_dataset=len(prompts), n_scanned=len(scan.top1),
+                   n_known=len(rows))
     rows = rows[:facts] if facts is not None else rows
     if not rows:
         raise UserError("the model knows none of the facts; causal tracing needs facts it predicts")
@@ -653,7 +671,10 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
         store.write_chunk(c, chunk_arrays(traces, width), seconds=seconds)
         echo(f"chunk {c}: {len(traces)} facts in {seconds:.1f}s")
 
-    result = run_causal_tracing(lm, chosen, cfg, subject_std=std, on_chunk=save, skip_chunk=skip)
+    from analyses.causal_noise import MODEL_RULES, build_noise_model
+
+    noise_model = build_noise_model(lm, prompts, cfg) if (cfg.replace or parse_noise(cfg.noise)[0] in MODEL_RULES) else None
+    result = run_causal_tracing(lm, chosen, cfg, subject_std=std, on_chunk=save, skip_chunk=skip, noise=noise_model)
     from analyses.causal_tracing_plots import plot_fact
 
     figures = [str(p) for p in result.plot(store.dir)]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from analyses.causal_noise import corrupt
 from analyses.causal_tracing import _RESID, SITE_NAMES, noise_bank, restoration_writes
 from interpkit.kv_cache import layer_kv, prefix_cache
 from interpkit.sites import site
@@ -114,7 +115,7 @@ def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[i
     inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
     with model.trace(inputs, use_cache=True, logits_to_keep=1, remote=remote):
         e = model.embed.output
-        model.embed.output = e + bank.to(device=e.device, dtype=e.dtype)
+        model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype))
         acts = list()
         for layer in range(n_layers):
             for site_ in sites_:
@@ -137,7 +138,7 @@ def trace_chunk(model, inputs: dict, cache, l0: int, start, noise, writes: list,
     with model.trace(inputs, logits_to_keep=1, remote=remote, **kw):
         if noise is not None:
             e = model.embed.output
-            model.embed.output = e + noise.to(device=e.device, dtype=e.dtype)
+            model.embed.output = corrupt(e, noise.to(device=e.device, dtype=e.dtype))
         for layer in range(l0):
             model.layers[layer].skip(start)
         for layer, site_, rows, pos, fill in writes:

@@ -18,6 +18,11 @@ Z_p (p = 7 or 12) at a role token (``start`` by default):
    - ``mean``: residual <- mean (mean ablation).
    Metric: logit(c) - logit(c') at the last position (negative = the answer moved to c'), and the rate
    at which the argmax over the p answer tokens becomes c'. ``none`` is the unpatched baseline.
+   ``role="result"`` probes and intervenes on the result c at the final token (the paper's c token;
+   c -> c' with b fixed; the partner problem is (c' - b, b)); layer ``n_layers`` is the final residual
+   (the final norm's input), where a small model's c circle lives. ``role="end"`` probes c there only.
+3. **Probe variants** (the paper's ``--probe_on_cos/--probe_on_sin``): ``probe_on`` picks the targets among
+   cos, sin and "linear" (a - (p - 1) / 2); the patch then sets every probed coordinate.
 
 All problems, all layers and all methods are rows of a few batched forwards; remotely one request.
 The replacement data is tiny (per layer: mean, PCA basis, the p circle points), the source rows are the
@@ -31,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analyses.patching import run_session
+from interpkit.engine.run import run_session
 from analyses.probing import collect_residuals, random_like
 from interpkit.errors import UserError
 from interpkit.plots import finish
@@ -40,7 +45,10 @@ from interpkit.sites import site
 
 METHODS = ("circle", "layer", "pca", "mean")
 PERIODS = {"days": 7, "months": 12}
-ROLE_VALUE = {"start": "a", "duration": "b", "end": "c"}        # tasks/calendar.py meta: a + b = c (mod p)
+ROLE_VALUE = {"start": "a", "duration": "b", "end": "c", "result": "c"}   # tasks/calendar.py meta: a + b = c (mod p)
+ROLE_OTHER = {"start": "b", "duration": "a", "result": "b"}     # the operand an intervention keeps fixed
+ROLE_TOKEN = {"result": "end"}                                  # "result": the value c at the final token
+TARGETS = ("cos", "sin", "linear")
 
 
 @dataclass
@@ -52,6 +60,8 @@ class CircleConfig:
     period: int | None = None         # default: 7 (days), 12 (months), else number of distinct values
     k: int = 5                        # PCA components
     layers: list[int] | None = None   # intervention layers (residual entering block l); default all
+    probe_on: tuple[str, ...] = ("cos", "sin")   # probe targets (the paper's --probe_on_cos/--probe_on_sin;
+                                                 # "linear": the centred value a - (p - 1) / 2)
     methods: tuple[str, ...] = METHODS
     targets_per_problem: int | None = None   # subsample a' per problem (big models); None = all p - 1
     seed: int = 0
@@ -65,18 +75,25 @@ class CircleConfig:
             raise UserError(f"unknown intervention method(s) {bad}; use {', '.join(METHODS)}")
         if self.k < 2:
             raise UserError(f"k={self.k}: the circle probe needs at least 2 PCA components")
+        bad = [t for t in self.probe_on if t not in TARGETS]
+        if bad or not self.probe_on or len(set(self.probe_on)) != len(self.probe_on):
+            raise UserError(f"--probe-on {','.join(self.probe_on)!r}: use distinct targets among {', '.join(TARGETS)}")
+        if len(self.probe_on) > self.k:
+            raise UserError(f"--probe-on has {len(self.probe_on)} targets but k={self.k} PCA components")
         for layer in self.layers or []:
-            if not 0 <= layer < n_layers:
-                raise UserError(f"layer {layer} is out of range; interventions use layers 0..{n_layers - 1}")
+            if not 0 <= layer <= n_layers:
+                raise UserError(f"layer {layer} is out of range; interventions use layers 0..{n_layers} "
+                                f"({n_layers}: the final residual, before the final norm)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # circle probe (pure tensors)
 # ----------------------------------------------------------------------------------------------------
-def circle_targets(values: torch.Tensor, period: int) -> torch.Tensor:
-    """(cos, sin) of 2 pi a / p, [N, 2]."""
+def circle_targets(values: torch.Tensor, period: int, probe_on=("cos", "sin")) -> torch.Tensor:
+    """Probe targets [N, len(probe_on)]: cos / sin of 2 pi a / p, and "linear" = a - (p - 1) / 2."""
     ang = 2 * math.pi * values.double() / period
-    return torch.stack([ang.cos(), ang.sin()], -1)
+    cols = {"cos": ang.cos(), "sin": ang.sin(), "linear": values.double() - (period - 1) / 2}
+    return torch.stack([cols[t] for t in probe_on], -1)
 
 
 def pca(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,6 +143,8 @@ class CircleFit:
     r2_cos: torch.Tensor      # [L]
     r2_sin: torch.Tensor      # [L]
     r2_heldout: torch.Tensor  # [L] leave-one-value-out R^2
+    probe_on: tuple = ("cos", "sin")
+    r2_targets: torch.Tensor | None = None   # [L, len(probe_on)] in-sample R^2 per target
 
     def plane(self, layer: int) -> torch.Tensor:
         """[d, 2] orthonormal basis of the circle plane in the residual stream."""
@@ -141,17 +160,24 @@ class CircleFit:
 
     def circle_points(self, layer: int) -> torch.Tensor:
         """[p, d]: mean + V Q q(a) for every value a, q(a) = (t(a) - b) R^-1 (the ``circle`` patch)."""
-        t = circle_targets(torch.arange(self.period), self.period)
-        q = (t - self.b[layer]) @ torch.linalg.pinv(self.R[layer])
+        return self.points_for(circle_targets(torch.arange(self.period), self.period, self.probe_on), layer)
+
+    def points_for(self, targets: torch.Tensor, layer: int) -> torch.Tensor:
+        """[n, d]: the activation whose probe reads ``targets`` [n, len(probe_on)] (mean elsewhere)."""
+        q = (targets.double() - self.b[layer]) @ torch.linalg.pinv(self.R[layer])
         return self.mean[layer] + q @ self.plane(layer).T
 
 
-def fit_circle(acts: torch.Tensor, values: torch.Tensor, period: int, k: int = 5) -> CircleFit:
+def fit_circle(acts: torch.Tensor, values: torch.Tensor, period: int, k: int = 5,
+               probe_on=("cos", "sin")) -> CircleFit:
     """Fit the circle probe at every layer of acts [N, L, d] for values [N] in 0..period-1."""
     acts, values = acts.double(), torch.as_tensor(values).long() % period
+    probe_on = tuple(probe_on)
     N, L, d = acts.shape
-    Y = circle_targets(values, period)
-    out = {n: [] for n in ("mean", "V", "explained", "W", "b", "Q", "R", "r2", "r2_cos", "r2_sin", "r2_heldout")}
+    Y = circle_targets(values, period, probe_on)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    out = {n: [] for n in ("mean", "V", "explained", "W", "b", "Q", "R", "r2", "r2_cos", "r2_sin", "r2_heldout",
+                           "r2_targets")}
     for layer in range(L):
         X = acts[:, layer]
         mu, V, ratio = pca(X, k)
@@ -159,16 +185,18 @@ def fit_circle(acts: torch.Tensor, values: torch.Tensor, period: int, k: int = 5
         W, b = _lstsq(Z, Y)
         Q, R = torch.linalg.qr(W)
         r2, per = _r2(Y, Z @ W + b)
+        pick = lambda t: per[probe_on.index(t)] if t in probe_on else nan  # noqa: E731
         for name, v in (("mean", mu), ("V", V), ("explained", ratio), ("W", W), ("b", b), ("Q", Q), ("R", R),
-                        ("r2", torch.tensor(r2)), ("r2_cos", per[0]), ("r2_sin", per[1]),
-                        ("r2_heldout", torch.tensor(heldout_r2(X, values, period, k)))):
+                        ("r2", torch.tensor(r2)), ("r2_cos", pick("cos")), ("r2_sin", pick("sin")),
+                        ("r2_heldout", torch.tensor(heldout_r2(X, values, period, k, probe_on))),
+                        ("r2_targets", per)):
             out[name].append(v)
-    return CircleFit(period=period, k=k, **{n: torch.stack(v) for n, v in out.items()})
+    return CircleFit(period=period, k=k, probe_on=probe_on, **{n: torch.stack(v) for n, v in out.items()})
 
 
-def heldout_r2(X: torch.Tensor, values: torch.Tensor, period: int, k: int) -> float:
-    """R^2 of (cos, sin) predicted for each value by a PCA + least-squares probe fitted without it."""
-    Y = circle_targets(values, period)
+def heldout_r2(X: torch.Tensor, values: torch.Tensor, period: int, k: int, probe_on=("cos", "sin")) -> float:
+    """R^2 of the targets predicted for each value by a PCA + least-squares probe fitted without it."""
+    Y = circle_targets(values, period, probe_on)
     pred = torch.zeros_like(Y)
     present = torch.unique(values)
     if len(present) < 3:
@@ -206,7 +234,7 @@ def plan_items(values, others, period: int, layers: list[int], methods, per_prob
     return items, pairs
 
 
-def _chunk_plan(items, N: int, pos: torch.Tensor, fit: CircleFit, max_rows: int):
+def _chunk_plan(items, N: int, pos: torch.Tensor, fit: CircleFit, max_rows: int, n_layers: int | None = None):
     """Split items into forwards; per forward: the row sources and, per layer, per method, index tensors."""
     per = max(1, max_rows - N)
     chunks = []
@@ -215,7 +243,7 @@ def _chunk_plan(items, N: int, pos: torch.Tensor, fit: CircleFit, max_rows: int)
         src_rows = torch.tensor([it[2] for it in part])
         by_layer = []
         for layer in sorted({it[0] for it in part}):
-            entry = {"at": layer}
+            entry = {"at": layer, "final": layer == n_layers}     # n_layers: the final norm's input
             for m in METHODS:
                 ks = [k for k, it in enumerate(part) if it[0] == layer and it[1] == m]
                 if not ks:
@@ -241,7 +269,7 @@ def trace_interventions(model, inputs: dict, by_layer: list, candidates: torch.T
     """
     with model.trace(inputs, remote=remote, logits_to_keep=1):
         for e in by_layer:
-            h = site(model, "resid_pre", e["at"])
+            h = model.final_norm.input if e.get("final") else site(model, "resid_pre", e["at"])
             if e["circle"] is not None:
                 rows, pos, _, _, t = e["circle"]
                 h[rows, pos] = e["points"][t].to(h.dtype)
@@ -400,33 +428,34 @@ def run_circles(lm, prompts, cfg: CircleConfig | None = None) -> CircleResult:
     cfg = cfg or CircleConfig()
     n_layers = lm.arch.n_layers
     cfg.validate(n_layers)
-    if cfg.role not in prompts.roles:
+    token = ROLE_TOKEN.get(cfg.role, cfg.role)
+    if token not in prompts.roles:
         raise UserError(f"task {prompts.task!r} has no role {cfg.role!r} ({', '.join(sorted(prompts.roles))})")
     value_key = cfg.value or ROLE_VALUE.get(cfg.role, cfg.role)
     values = _meta_tensor(prompts, value_key)
     period = cfg.period or PERIODS.get(prompts.task) or len(torch.unique(values))
     values = values % period
-    pos = prompts.roles[cfg.role]
+    pos = prompts.roles[token]
     t0 = time.perf_counter()
     acts = collect_residuals(lm, prompts, pos, chunk_rows=cfg.chunk_rows)            # [N, L+1, d]
     timings = {"activations_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    fit = fit_circle(acts, values, period, cfg.k)
+    fit = fit_circle(acts, values, period, cfg.k, cfg.probe_on)
     coords = torch.stack([fit.coords(acts[:, l], l) for l in range(n_layers + 1)]).float()
     pcs = torch.stack([((acts[:, l].double() - fit.mean[l]) @ fit.V[l][:, :2]) for l in range(n_layers + 1)]).float()
     timings["probe_s"] = time.perf_counter() - t0
     res = CircleResult(task=prompts.task, role=cfg.role, config=cfg, fit=fit, values=values, coords=coords,
                        pcs=pcs, timings=timings)
     if cfg.intervene:
-        if cfg.role not in ("start", "duration"):
-            raise UserError("interventions change an operand: use --role start or --role duration "
-                            "(or --no-intervene to only probe)")
+        if cfg.role not in ROLE_OTHER:
+            raise UserError(f"interventions need --role {', '.join(ROLE_OTHER)} (the operands a, b, or the result c "
+                            f"at the final token: role result), or --no-intervene to only probe")
         _intervene(lm, prompts, cfg, fit, values, period, pos, res)
     return res
 
 
 def _intervene(lm, prompts, cfg: CircleConfig, fit: CircleFit, values, period, pos, res: CircleResult) -> None:
-    others = _meta_tensor(prompts, "b" if cfg.role == "start" else "a")
+    others = _meta_tensor(prompts, ROLE_OTHER[cfg.role])   # role result: c -> c' with b fixed; new answer c'
     answers = _meta_tensor(prompts, "c") % period
     cand = _answer_candidates(prompts, answers, period)
     layers = cfg.layers if cfg.layers is not None else list(range(lm.arch.n_layers))
@@ -435,7 +464,7 @@ def _intervene(lm, prompts, cfg: CircleConfig, fit: CircleFit, values, period, p
     # items are ordered (layer, method, pair): reshaping the outputs to [layers, methods, pairs] relies on it
     N = len(prompts)
     clean = prompts.batch()
-    chunks = _chunk_plan(items, N, pos, fit, cfg.max_rows)
+    chunks = _chunk_plan(items, N, pos, fit, cfg.max_rows, lm.arch.n_layers)
     t0 = time.perf_counter()
     outs = _run_chunks(lm, clean, chunks, cand)
     res.timings["interventions_s"] = time.perf_counter() - t0
@@ -481,11 +510,16 @@ def _run_chunks(lm, clean: dict, chunks, cand) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleConfig | None = None,
                    random_baseline: bool = True, seed: int = 0, root: str = "artifacts",
-                   lm=None, prompts=None) -> CircleResult:
+                   lm=None, prompts=None, sweep: tuple[int, int, int] | None = None,
+                   rgb_layers: list[int] | None = None, rgb_role: str = "end",
+                   rgb_steps: tuple[str, ...] | None = None) -> CircleResult:
     """``interpkit circle --task days|months --model NAME [--remote]``.
 
     Writes results.h5 (probe and interventions), r2.png (with the random-init baseline unless remote or
     disabled), scatter.png, interventions.png and a manifest; prints a summary table.
+    ``sweep=(layer, from, to)``: intervening inside the circle (sweep.png, sweep.csv); ``rgb_layers``:
+    residual RGB plots / feature deconstruction at ``rgb_role`` (rgb_layer<l>.png, deconstruction.csv).
+    See ``analyses.circle_studies``.
     """
     from interpkit.models import load_model
     from interpkit.store import RunStore
@@ -496,7 +530,7 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
         from tasks import get_task
         prompts = get_task(task)(lm.tokenizer)
     store = RunStore("circle", {"task": task, "circle": asdict(cfg), "random_baseline": random_baseline},
-                     model=model, seed=seed, root=root)
+                     model=model, seed=seed, root=root, remote=remote)
     res = run_circles(lm, prompts, cfg)
     base = None
     if random_baseline and not lm.remote:
@@ -507,7 +541,8 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
         arrays.update(logit_diff=res.logit_diff.numpy(), flip_rate=res.flip_rate.numpy())
     if base is not None:
         arrays.update(random_r2=base.fit.r2.numpy(), random_r2_heldout=base.fit.r2_heldout.numpy())
-    store.write_chunk(0, {k: v[None] for k, v in arrays.items()})
+    if not store.has_chunk(0):                     # a rerun recomputes (deterministic) and keeps the stored chunk
+        store.write_chunk(0, {k: v[None] for k, v in arrays.items()})
     res.probe_dataframe().to_csv(store.dir / "circle_probe.csv", index=False)
     res.plot_r2(store.dir / "r2.png", label=model, other=base)
     res.plot_scatter(store.dir / "scatter.png")
@@ -516,12 +551,59 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
         res.to_dataframe().to_csv(store.dir / "interventions.csv", index=False)
         res.plot_interventions(store.dir / "interventions.png")
         figures.append("interventions.png")
+    extra = _studies(lm, prompts, res, store.dir, sweep, rgb_layers, rgb_role, rgb_steps, figures)
+    lines = extra.pop("lines")
     for k, v in res.timings.items():
         store.time(k, float(v))
-    store.finish(**summary(res, base), figures=figures)
+    store.finish(**summary(res, base), **extra, figures=figures)
     print(summary_table(res, base))
+    for line in lines:
+        print(line)
     print(f"results: {store.dir}")
     return res
+
+
+def _studies(lm, prompts, res: CircleResult, out, sweep, rgb_layers, rgb_role, rgb_steps, figures) -> dict:
+    """The optional middle-of-circle sweep and residual RGB deconstruction of ``circle_command``."""
+    import numpy as np
+    import pandas as pd
+
+    from analyses.circle_studies import DEFAULT_STEPS, circle_sweep, deconstruct
+
+    extra: dict = {"lines": []}
+    if sweep is not None:
+        layer, frm, to = sweep
+        t0 = time.perf_counter()
+        sw = circle_sweep(lm, prompts, res.fit, layer, frm, to, role=res.role, max_rows=res.config.max_rows)
+        res.timings["sweep_s"] = time.perf_counter() - t0
+        rows = [dict(radius=r, angle_deg=float(np.degrees(t)), share_from=sw.share_from[i, j],
+                     share_to=sw.share_to[i, j], share_other=sw.share_other[i, j], logit_diff=sw.logit_diff[i, j])
+                for i, r in enumerate(sw.radii) for j, t in enumerate(sw.angles)]
+        pd.DataFrame(rows).to_csv(out / "sweep.csv", index=False)
+        sw.plot(out / "sweep.png", task=res.task)
+        figures.append("sweep.png")
+        extra["sweep"] = {"layer": layer, "from": frm, "to": to}
+        extra["lines"] += [f"sweep at layer {layer} from value {frm} to {to}: share of problems whose answer implies "
+                           f"{to} (rows: radius, columns: angle in degrees)", sw.table()]
+    if rgb_layers:
+        if rgb_role not in prompts.roles:
+            raise UserError(f"task {prompts.task!r} has no role {rgb_role!r} ({', '.join(sorted(prompts.roles))})")
+        if any(not 0 <= l <= lm.arch.n_layers for l in rgb_layers):
+            raise UserError(f"--rgb-layers: layers 0..{lm.arch.n_layers} (0 = embeddings)")
+        acts = collect_residuals(lm, prompts, prompts.roles[rgb_role], chunk_rows=res.config.chunk_rows)
+        a, b, c = (np.array(prompts.meta[k]) for k in ("a", "b", "c"))
+        steps = tuple(rgb_steps or DEFAULT_STEPS)
+        table = []
+        for layer in rgb_layers:
+            dc = deconstruct(acts[:, layer].numpy(), a, b, c, res.fit.period, steps, layer, rgb_role)
+            dc.plot(out / f"rgb_layer{layer}.png", task=res.task)
+            figures.append(f"rgb_layer{layer}.png")
+            table.append({"layer": layer, **{f"r2_after_{s}": r for s, r in zip(dc.steps[1:], dc.r2[1:])}})
+            extra["lines"].append(f"deconstruction at layer {layer}, token '{rgb_role}': variance explained "
+                                  + ", ".join(f"+{s} {r:.3f}" for s, r in zip(dc.steps[1:], dc.r2[1:])))
+        pd.DataFrame(table).to_csv(out / "deconstruction.csv", index=False)
+        extra["deconstruction"] = table
+    return extra
 
 
 def summary(res: CircleResult, base: CircleResult | None = None) -> dict:

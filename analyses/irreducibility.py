@@ -151,3 +151,137 @@ def synthetic_cloud(kind: str, n: int = 2000, noise: float = 0.02, seed: int = 0
     else:
         raise ValueError(f"unknown cloud {kind!r}; use circle, two_lines, gaussian or square")
     return x + noise * r(n, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reducibility demo (Engels et al.'s reducibility_demo.py, Figures 2 and 9) and a layer's activations
+# ----------------------------------------------------------------------------------------------------
+CLOUDS = ("circle", "two_lines", "gaussian", "square")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def synthetic_table(n: int = 1000, eps: float = 0.1, seed: int = 0) -> list[dict]:
+    """Both indices of each synthetic cloud (with the clouds, for plotting)."""
+    rows = []
+    for kind in CLOUDS:
+        x = synthetic_cloud(kind, n=n, seed=seed)
+        ind = irreducibility(x, eps)
+        rows.append(dict(cloud=kind, mixture=ind.mixture, separability=ind.separability,
+                         irreducible=ind.irreducible(), points=x))
+    return rows
+
+
+def pc_pairs(acts: torch.Tensor, n_pcs: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``n_pcs`` PCA coordinates [N, n_pcs] of activations [N, d] and their explained-variance ratios."""
+    X = torch.as_tensor(acts, dtype=torch.float64)
+    X = X - X.mean(0)
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    k = min(n_pcs, Vh.shape[0])
+    return X @ Vh[:k].T, (S[:k] ** 2) / (S ** 2).sum().clamp_min(1e-30)
+
+
+def layer_table(acts, eps: float = 0.1, n_pcs: int = 5) -> tuple[list[dict], torch.Tensor]:
+    """Indices of each consecutive pair of top PCA components (1-2, 2-3, ...), as the paper does for SAE
+    cluster reconstructions; returns (rows, PCA coordinates)."""
+    Z, ratio = pc_pairs(acts, n_pcs)
+    rows = []
+    for i in range(Z.shape[1] - 1):
+        ind = irreducibility(Z[:, i:i + 2], eps)
+        rows.append(dict(pair=f"PC{i + 1}-PC{i + 2}", mixture=ind.mixture, separability=ind.separability,
+                         irreducible=ind.irreducible(), variance=float(ratio[i] + ratio[i + 1])))
+    return rows, Z
+
+
+def plot_synthetic(rows: list[dict], path=None):
+    from interpkit.plots import finish
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        x = r["points"]
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_title(f"{r['cloud']}\nM_eps={r['mixture']:.3f}  S={r['separability']:.3f} bits\n"
+                     f"{'irreducible' if r['irreducible'] else 'reducible'}", fontsize=8)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("epsilon-mixture index (high: a mixture) and separability index (low: separable)", fontsize=9)
+    return finish(fig, path)
+
+
+def plot_layer(rows: list[dict], Z: torch.Tensor, values, period: int, path=None, title: str = ""):
+    from interpkit.plots import finish
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.5), squeeze=False)
+    for i, (ax, r) in enumerate(zip(axes[0], rows)):
+        sc = ax.scatter(Z[:, i], Z[:, i + 1], c=torch.as_tensor(values) % period, cmap="hsv", vmin=0,
+                        vmax=period, s=16)
+        ax.set_title(f"{r['pair']} ({100 * r['variance']:.0f}% var)\nM_eps={r['mixture']:.3f}  "
+                     f"S={r['separability']:.3f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(sc, ax=axes[0, -1], label="value")
+    fig.suptitle(title, fontsize=9)
+    return finish(fig, path)
+
+
+def reducibility_command(model: str | None = None, task: str = "days", layer: int | None = None,
+                         role: str = "start", n: int = 1000, eps: float = 0.1, seed: int = 0,
+                         root: str = "artifacts", echo=print) -> dict:
+    """``interpkit reducibility``: the indices on synthetic clouds, and with ``--model`` on the top PCA
+    pairs of a layer's residual at a task role (values coloured). Writes synthetic.png, layer<l>.png and
+    indices.json under artifacts/reducibility/<run>."""
+    import json
+
+    from interpkit.errors import UserError
+    from interpkit.store import RunStore
+
+    if not 0 < eps < 1 or n < 10:
+        raise UserError("--eps must be in (0, 1) and --n >= 10")
+    store = RunStore("reducibility", {"model": model, "task": task, "layer": layer, "role": role, "n": n,
+                                      "eps": eps}, model=model or "synthetic", seed=seed, root=root)
+    rows = synthetic_table(n, eps, seed)
+    plot_synthetic(rows, store.dir / "synthetic.png")
+    out = {"synthetic": [{k: v for k, v in r.items() if k != "points"} for r in rows], "files": ["synthetic.png"]}
+    echo(f"{'cloud':<10} {'M_eps':>7} {'S (bits)':>9}  verdict")
+    for r in out["synthetic"]:
+        echo(f"{r['cloud']:<10} {r['mixture']:>7.3f} {r['separability']:>9.3f}  "
+             f"{'irreducible' if r['irreducible'] else 'reducible'}")
+    if model is not None:
+        from analyses.probing import collect_residuals
+        from interpkit.models import load_model
+        from tasks import get_task
+
+        lm = load_model(model)
+        prompts = get_task(task)(lm.tokenizer)
+        if role not in prompts.roles:
+            raise UserError(f"task {task!r} has no role {role!r} ({', '.join(sorted(prompts.roles))})")
+        layers = list(range(lm.arch.n_layers + 1)) if layer is None else [layer]
+        if any(not 0 <= l <= lm.arch.n_layers for l in layers):
+            raise UserError(f"layer {layer} is out of range; 0..{lm.arch.n_layers} (0 = embeddings)")
+        acts = collect_residuals(lm, prompts, prompts.roles[role])
+        key = {"start": "a", "duration": "b", "end": "c"}.get(role)
+        values = torch.tensor(prompts.meta[key]) if key else torch.zeros(len(prompts))
+        period = {"days": 7, "months": 12}.get(task, int(values.max()) + 1)
+        out["layers"] = {}
+        for l in layers:
+            lr, Z = layer_table(acts[:, l], eps)
+            plot_layer(lr, Z, values, period, store.dir / f"layer{l}.png",
+                       title=f"{task}, {model}: residual at '{role}', layer {l}, coloured by {key}")
+            out["files"].append(f"layer{l}.png")
+            out["layers"][l] = lr
+            echo(f"layer {l}: " + "; ".join(f"{r['pair']} M={r['mixture']:.3f} S={r['separability']:.3f}"
+                                            for r in lr))
+    (store.dir / "indices.json").write_text(json.dumps(out, indent=1, default=float))
+    store.finish(files=out["files"])
+    echo(f"results: {store.dir}")
+    return out

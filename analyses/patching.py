@@ -1,10 +1,13 @@
-"""Activation patching, batched: a whole (layer x position) or (layer x head) sweep in few forwards.
+"""Activation patching: a whole (layer x position) or (layer x head) sweep, planned on the sweep engine.
 
-Every patched run is one row of a batch. A chunk's batch holds the source rows (the run activations
-come from), the base rows (the run being patched, unpatched) and one row per (pair, cell). At each
-layer, the rows whose cell sits at that layer take the source row's activation over the cell's region
-in one indexed write. A patch at layer l cannot influence another row, so one forward evaluates as many
-cells as memory allows; remotely the whole sweep is one NDIF request (a session of chunk traces).
+Every patched run is one row of a batch: the base run with the source run's activation written over one
+cell's region at one layer. ``interpkit.engine`` plans the sweep: cells that provably change nothing
+(before the first token where the two runs differ, or at the last layer away from the last token) are
+skipped and stored as the base run's metric (``PatchResult.skipped`` marks them); the rest run from
+their first written position and layer on, on the base run's key/value cache, with the base and source
+runs computed once per sweep. Remotely the whole sweep is one NDIF request (a session).
+``engine="full"`` keeps the plain reference: whole prompts, every layer, the source and base rows
+recomputed in every chunk.
 
 Directions: ``denoise`` writes clean activations into the corrupted run (base = corrupted), ``noise``
 writes corrupted activations into the clean run (base = clean). The normalised metric is 0 at the base
@@ -23,20 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interpkit.metrics import logit_diff, margin, normalize, prob_diff
+from interpkit.engine.inside import UNEMBED_IN, patch_site, trace_full
+from interpkit.engine.plan import Plan, SweepSpec, first_difference, plan_sweep
+from interpkit.engine.run import SweepRuns, run_plan, run_session
 from interpkit.errors import UserError
-from interpkit.sites import SITES, site
+from interpkit.metrics import normalize
+from interpkit.sites import SITES
 
 REGIONS = ("position", "prefix", "suffix", "window")
-UNEMBED_IN = "unembed_in"
+ENGINES = ("prefix", "full")
 PATCH_SITES = SITES + (UNEMBED_IN,)
-
-
-def patch_site(model, name: str, layer: int, n_heads: int = 0) -> torch.Tensor:
-    """``interpkit.sites.site`` plus ``unembed_in`` (the final norm's output; ``layer`` is ignored)."""
-    if name == UNEMBED_IN:
-        return model.final_norm.output
-    return site(model, name, layer, n_heads)
+__all__ = ["PatchConfig", "PatchResult", "run_patching", "region_mask", "patch_site", "run_session", "sweep_inputs"]
 
 
 @dataclass
@@ -53,8 +53,9 @@ class PatchConfig:
     layers: list[int] | None = None
     positions: list[int] | None = None
     max_rows: int = 512             # rows per forward (memory knob)
+    engine: str = "prefix"          # prefix: skip what cannot change (default) | full: plain reference
 
-    def validate(self, n_layers: int, n_heads: int) -> None:
+    def validate(self, n_layers: int) -> None:
         checks = [(self.site in PATCH_SITES, f"site {self.site!r}; use one of {', '.join(PATCH_SITES)}"),
                   (self.by in ("position", "head"), f"--by {self.by!r}; use position or head"),
                   (self.by != "head" or self.site == "head_out", "--by head needs --site head"),
@@ -62,6 +63,7 @@ class PatchConfig:
                   (self.mode in ("substitution", "deletion"), f"mode {self.mode!r}; use substitution or deletion"),
                   (self.direction in ("denoise", "noise"), f"direction {self.direction!r}; use denoise or noise"),
                   (self.metric in ("logit_diff", "prob_diff", "margin"), f"metric {self.metric!r}"),
+                  (self.engine in ENGINES, f"engine {self.engine!r}; use prefix or full"),
                   (self.window >= 1, "window must be >= 1"),
                   (self.max_rows >= 1, "max_rows must be >= 1"),
                   (self.site != UNEMBED_IN or self.layers is None,
@@ -92,35 +94,58 @@ class PatchResult:
     source: torch.Tensor            # [pairs] metric of the source run (0 for deletion)
     timings: dict = field(default_factory=dict)
     method: str = "exact"           # "exact" (patched forwards) or "attribution" (first-order estimate)
+    skipped: torch.Tensor | None = None   # [pairs, layers, cells]: provably the base run, not computed
+    normalize: str = "pair"         # "pair": each pair by its own gap | "mean": the batch-mean metric
+    min_gap: float = 0.0            # pairs with |source - base| < min_gap x the median gap are excluded
+
+    @property
+    def excluded(self) -> torch.Tensor:
+        """[pairs] bool: pairs whose base and source barely differ (their normalised effect is noise)."""
+        gap = (self.source - self.base).abs()
+        return gap < self.min_gap * gap.median() if self.min_gap > 0 else torch.zeros_like(gap, dtype=torch.bool)
 
     @property
     def normalized(self) -> torch.Tensor:
-        """Per pair: 0 at the base run, 1 at the source run."""
-        return normalize(self.values, self.base[:, None, None], self.source[:, None, None])
+        """Per pair: 0 at the base run, 1 at the source run (NaN for excluded pairs)."""
+        v = normalize(self.values, self.base[:, None, None], self.source[:, None, None])
+        return v.masked_fill(self.excluded[:, None, None], float("nan"))
 
     @property
     def clean_normalized(self) -> torch.Tensor:
         """Per pair: 1 at the clean run, 0 at the corrupted run, whichever way the patch went."""
         clean, corrupt = (self.source, self.base) if self.config.direction == "denoise" else (self.base, self.source)
-        return normalize(self.values, corrupt[:, None, None], clean[:, None, None])
+        v = normalize(self.values, corrupt[:, None, None], clean[:, None, None])
+        return v.masked_fill(self.excluded[:, None, None], float("nan"))
 
     def effect(self, clip: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean normalised effect [layers, cells] (over all pairs or the selected rows); NaN pairs skipped."""
-        v = self.normalized if rows is None else self.normalized[rows]
-        v = v.clamp(0, 1) if clip else v
-        return v.nanmean(0)
+        """Mean normalised effect [layers, cells] over all pairs or the selected rows, excluded pairs left
+        out: the mean of per-pair effects (``normalize="pair"``) or the effect of the mean metric ("mean")."""
+        keep = ~self.excluded
+        if rows is not None:
+            chosen = torch.zeros_like(keep)
+            chosen[rows] = True
+            keep &= chosen
+        if self.normalize == "mean":
+            v = normalize(self.values[keep].mean(0), self.base[keep].mean(), self.source[keep].mean())
+        else:
+            v = self.normalized[keep]
+            v = v.clamp(0, 1) if clip else v
+            return v.nanmean(0)
+        return v.clamp(0, 1) if clip else v
 
     def to_dataframe(self):
         import pandas as pd
 
         eff, clipped, clean = self.effect(), self.effect(clip=True), self.clean_normalized.nanmean(0)
+        skipped = self.skipped.all(0) if self.skipped is not None else torch.zeros_like(eff, dtype=torch.bool)
         return pd.DataFrame([{"layer": l, self.config.by: c, "effect": float(eff[i, j]),
                               "effect_clipped": float(clipped[i, j]), "clean_normalized": float(clean[i, j]),
-                              "method": self.method}
+                              "skipped": bool(skipped[i, j]), "method": self.method}
                              for i, l in enumerate(self.layers) for j, c in enumerate(self.cells)])
 
 
-def _region_mask(cfg: PatchConfig, cell: int, T: int) -> torch.Tensor:
+def region_mask(cfg: PatchConfig, cell: int, T: int) -> torch.Tensor:
+    """[T] bool: the positions a (by="position") cell writes; every position for head cells."""
     pos = torch.arange(T)
     if cfg.by == "head":
         return torch.ones(T, dtype=torch.bool)
@@ -133,65 +158,20 @@ def _region_mask(cfg: PatchConfig, cell: int, T: int) -> torch.Tensor:
     return (pos >= cell) & (pos < cell + cfg.window)
 
 
-def plan_chunks(cfg: PatchConfig, n_pairs: int, layers: list[int], cells: list[int], T: int, n_heads: int):
-    """Split the (layer, cell) grid into chunks and, per chunk, per layer, the rows to patch and where.
-
-    Returns a list of (cell_ids, per_layer) where per_layer is a list of
-    (layer, rows, src_rows, mask) with rows/src_rows LongTensors and mask a bool tensor broadcastable to
-    the site's activation at those rows.
-    """
-    grid = [(li, ci) for li in range(len(layers)) for ci in range(len(cells))]
-    per_chunk = max(1, (cfg.max_rows - 2 * n_pairs) // n_pairs)
-    chunks = []
-    for start in range(0, len(grid), per_chunk):
-        part = grid[start:start + per_chunk]
-        per_layer = []
-        for li, layer in enumerate(layers):
-            rows, src, masks = [], [], []
-            for k, (gli, ci) in enumerate(part):
-                if gli != li:
-                    continue
-                m = _region_mask(cfg, cells[ci], T)
-                if cfg.by == "head":
-                    m = m[:, None] & (torch.arange(n_heads) == cells[ci])[None, :]
-                elif cfg.site == "head_out":
-                    m = m[:, None]                         # every head at the cell's positions
-                for p in range(n_pairs):
-                    rows.append(2 * n_pairs + k * n_pairs + p)
-                    src.append(p)
-                    masks.append(m)
-            if rows:
-                mask = torch.stack(masks)[..., None]          # [n, T, 1] or [n, T, H, 1]
-                per_layer.append((layer, torch.tensor(rows), torch.tensor(src), mask))
-        chunks.append((part, per_layer))
-    return chunks
-
-
-def _metric(name: str, logits, answer, wrong, candidates):
-    if name == "logit_diff":
-        return logit_diff(logits, answer, wrong)
-    if name == "prob_diff":
-        return prob_diff(logits, answer, wrong)
-    return margin(logits, answer, candidates)
-
-
-def trace_chunk(model, inputs: dict, per_layer: list, site_name: str, n_heads: int, deletion: bool,
-                metric: str, answer, wrong, candidates, remote=False):
-    """One forward of a chunk; returns the metric per row. Runs unchanged locally and on NDIF."""
-    with model.trace(inputs, remote=remote, logits_to_keep=1):
-        for layer, rows, src, mask in per_layer:
-            h = patch_site(model, site_name, layer, n_heads)
-            fill = torch.zeros_like(h[rows]) if deletion else h[src]
-            h[rows] = torch.where(mask, fill, h[rows])
-        logits = model.output.logits[:, -1]
-        values = _metric(metric, logits, answer, wrong, candidates).detach().save()
-    return values
+def cell_masks(cfg: PatchConfig, cells: list[int], T: int, n_heads: int) -> torch.Tensor:
+    """[cells, T] (layer sites) or [cells, T, H] (head_out) bool: where each cell writes."""
+    masks = torch.stack([region_mask(cfg, c, T) for c in cells])
+    if cfg.by == "head":
+        return masks[:, :, None] & (torch.arange(n_heads)[None, None] == torch.tensor(cells)[:, None, None])
+    if cfg.site == "head_out":
+        return masks[:, :, None]                                # every head at the cell's positions
+    return masks
 
 
 def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None):
     """Validated (base, source, layers, cells, answer, wrong) of a sweep; shared with attribution patching."""
     arch = lm.arch
-    cfg.validate(arch.n_layers, arch.n_heads)
+    cfg.validate(arch.n_layers)
     if cfg.metric == "margin" and candidates is None:
         raise UserError("the margin metric needs candidate answer tokens; use --metric logit_diff")
     clean, corrupt = prompts.batch(), prompts.batch(corrupted=True)
@@ -209,26 +189,115 @@ def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None 
     return base, source, layers, cells, answer, wrong
 
 
+@dataclass
+class PlannedSweep:
+    """A patching sweep planned on the engine: what ``execute`` runs."""
+
+    plan: Plan
+    runs: SweepRuns
+    layers: list[int]
+    cells: list[int]
+
+
+def plan_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None) -> PlannedSweep:
+    """``cfg``'s sweep as engine chunks, with the provably-zero cells marked skipped."""
+    base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
+    T = base["input_ids"].shape[1]
+    spec = SweepSpec(site=cfg.site, layers=layers, n_layers=lm.arch.n_layers,
+                     cell_masks=cell_masks(cfg, cells, T, lm.arch.n_heads),
+                     first_diff=first_difference(base["input_ids"], source["input_ids"], base["attention_mask"],
+                                                 source["attention_mask"]),
+                     substitution=cfg.mode == "substitution", max_rows=cfg.max_rows)
+    runs = SweepRuns(base=base, source=source, site=cfg.site, n_heads=lm.arch.n_heads, n_layers=lm.arch.n_layers,
+                     metric=cfg.metric, answer=answer, wrong=wrong, candidates=candidates,
+                     deletion=cfg.mode == "deletion")
+    return PlannedSweep(plan=plan_sweep(spec), runs=runs, layers=layers, cells=cells)
+
+
+def execute(lm, cfg: PatchConfig, sweep: PlannedSweep, on_chunk=None, done: dict | None = None,
+            progress=None) -> PatchResult:
+    """Run a planned sweep (locally chunk by chunk, remotely as one request) into a ``PatchResult``."""
+    t0 = time.perf_counter()
+    out = run_plan(lm.model, sweep.plan, sweep.layers, sweep.runs, remote=lm.remote, done=done,
+                   on_chunk=on_chunk, progress=progress)
+    source_v = torch.zeros_like(out.base) if cfg.mode == "deletion" else out.source
+    plan = sweep.plan
+    return PatchResult(config=cfg, layers=sweep.layers, cells=sweep.cells, values=out.values, base=out.base,
+                       source=source_v, skipped=plan.skipped,
+                       timings={"sweep_s": time.perf_counter() - t0, "forwards": 2 + len(plan.chunks),
+                                "work": plan.work, "skipped": float(plan.skipped.float().mean()),
+                                "requests": out.requests, "reused_chunks": len(done or {})})
+
+
 def run_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None,
-                 on_chunk=None, done: dict | None = None) -> PatchResult:
+                 on_chunk=None, done: dict | None = None, progress=None) -> PatchResult:
     """Sweep ``cfg`` over the pairs of ``prompts`` (a PromptSet with corrupted counterparts).
 
     ``on_chunk(i, values)`` is called as each chunk finishes (the CLI stores chunks as they finish);
-    ``done`` maps chunk index -> values already computed (a resumed run), and those chunks are not rerun.
+    ``done`` maps chunk index -> values already computed (a resumed run), and those chunks are not rerun;
+    ``progress`` (an ``interpkit.progress.Stage``) advances once per chunk.
     """
+    if cfg.engine == "full":
+        return run_full_patching(lm, prompts, cfg, candidates, on_chunk, done)
+    return execute(lm, cfg, plan_patching(lm, prompts, cfg, candidates), on_chunk, done, progress)
+
+
+# -- the reference engine: whole prompts, every layer, source and base rows in every chunk -------------
+def plan_chunks(cfg: PatchConfig, n_pairs: int, layers: list[int], cells: list[int], T: int, n_heads: int):
+    """Split the (layer, cell) grid into chunks and, per chunk, per layer, the rows to patch and where.
+
+    Returns a list of (cell_ids, per_layer) where per_layer is a list of
+    (layer, rows, src_rows, mask) with rows/src_rows LongTensors and mask a bool tensor broadcastable to
+    the site's activation at those rows.
+    """
+    masks = cell_masks(cfg, cells, T, n_heads)
+    grid = [(li, ci) for li in range(len(layers)) for ci in range(len(cells))]
+    per_chunk = max(1, (cfg.max_rows - 2 * n_pairs) // n_pairs)
+    chunks = []
+    for start in range(0, len(grid), per_chunk):
+        part = grid[start:start + per_chunk]
+        per_layer = []
+        for li, layer in enumerate(layers):
+            ks = [k for k, (gli, _) in enumerate(part) if gli == li]
+            if not ks:
+                continue
+            rows = torch.tensor([2 * n_pairs + k * n_pairs + p for k in ks for p in range(n_pairs)])
+            mask = torch.stack([masks[part[k][1]] for k in ks for _ in range(n_pairs)])[..., None]
+            per_layer.append((layer, rows, torch.arange(n_pairs).repeat(len(ks)), mask))
+        chunks.append((part, per_layer))
+    return chunks
+
+
+def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=None, done: dict | None = None):
+    """The plain engine (``engine="full"``): every patched row runs the whole prompt through every layer."""
     base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
     P, T = base["input_ids"].shape
     chunks = plan_chunks(cfg, P, layers, cells, T, lm.arch.n_heads)
-
     values = torch.full((P, len(layers), len(cells)), float("nan"))
     base_v = source_v = None
     t0 = time.perf_counter()
     done = done or {}
-    for i, out in _run_all(lm, chunks, base, source, cfg, answer, wrong, candidates, done):
-        part = chunks[i][0]
+
+    def job(part, per_layer):
+        n = len(part) + 2
+        writes = [(layer, rows, mask, None if cfg.mode == "deletion" else src) for layer, rows, src, mask in per_layer]
+        return (_chunk_inputs(base, source, len(part)), writes, cfg.site, lm.arch.n_heads, cfg.metric,
+                answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
+
+    todo = [i for i in range(len(chunks)) if i not in done]
+    if lm.remote:
+        fresh = dict(zip(todo, run_session(lm.model, trace_full, [job(*chunks[i]) for i in todo], lm.remote)))
+    for i in range(len(chunks)):
+        if i in done:
+            out = done[i]
+        elif lm.remote:
+            out = fresh[i]
+        else:
+            with torch.no_grad():
+                out = trace_full(lm.model, *job(*chunks[i]))
         out = torch.as_tensor(out).float().cpu()
         source_v, base_v = out[:P], out[P:2 * P]
-        for k, (li, ci) in enumerate(part):
+        for k, (li, ci) in enumerate(chunks[i][0]):
             values[:, li, ci] = out[2 * P + k * P: 2 * P + (k + 1) * P]
         if on_chunk is not None and i not in done:
             on_chunk(i, out)
@@ -242,42 +311,6 @@ def _chunk_inputs(base: dict, source: dict, n_cells: int) -> dict:
     ids = torch.cat([source["input_ids"], base["input_ids"]] + [base["input_ids"]] * n_cells)
     mask = torch.cat([source["attention_mask"], base["attention_mask"]] + [base["attention_mask"]] * n_cells)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def _run_all(lm, chunks, base, source, cfg, answer, wrong, candidates, done: dict):
-    """Yield (chunk index, metric values) in order: one trace per chunk as it finishes locally; remotely
-    every chunk not in ``done`` goes out as one session (one request)."""
-    def args(part, per_layer):
-        n = len(part) + 2
-        return (_chunk_inputs(base, source, len(part)), per_layer, cfg.site, lm.arch.n_heads,
-                cfg.mode == "deletion", cfg.metric, answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
-
-    todo = [i for i in range(len(chunks)) if i not in done]
-    if lm.remote:
-        fresh = dict(zip(todo, run_session(lm.model, trace_chunk, [args(*chunks[i]) for i in todo], lm.remote)))
-    for i in range(len(chunks)):
-        if i in done:
-            yield i, done[i]
-        elif lm.remote:
-            yield i, fresh[i]
-        else:
-            with torch.no_grad():
-                out = trace_chunk(lm.model, *args(*chunks[i]))
-            yield i, out
-
-
-def run_session(model, fn, jobs: list, remote) -> list:
-    """``fn(model, *job)`` for every job inside one ``model.session`` (a single NDIF request)."""
-    if not jobs:
-        return []
-    from interpkit.remote import ensure_shipped
-
-    ensure_shipped()                       # our trace helpers travel by value: NDIF does not have them
-    with model.session(remote=remote):
-        outs = list().save()
-        for job in jobs:
-            outs.append(fn(model, *job))
-    return outs
 
 
 # -- labels and figures -----------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import time
 import torch
 
 from analyses.attribution import agreement, run_attribution
-from analyses.patching import (PATCH_SITES, PatchConfig, PatchResult, plot_patching, position_labels, role_effect,
-                               run_patching)
+from analyses.patching import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, plan_patching, plot_patching,
+                               position_labels, role_effect, run_patching)
 from interpkit.errors import UserError
 
 SITE_ALIASES = {"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out", "head": "head_out"}
@@ -31,38 +31,45 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
                   by: str | None = None, remote: bool | str = False, n: int = 64, seed: int = 0,
                   layers: list[int] | None = None, positions: list[int] | None = None, region: str = "position",
                   window: int = 1, mode: str = "substitution", metric: str = "logit_diff", max_rows: int = 512,
-                  top: int = 10, root: str = "artifacts", run_id: str | None = None, reuse_prefix: bool = False,
-                  echo=print) -> dict:
+                  top: int = 10, root: str = "artifacts", run_id: str | None = None, engine: str = "prefix",
+                  normalize: str = "pair", min_gap: float = 0.1, echo=print) -> dict:
     """Run ``interpkit patch``; returns a summary dict (run dir, figures, top cells, agreement).
 
-    ``reuse_prefix`` computes the exact sweep with ``analyses.patching_prefix`` (reuses the unpatched
-    prefix through the key/value cache: ~0.4x the work; --by position --region position only; remotely one request;
-    stored as one chunk at the end instead of chunk by chunk)."""
+    ``engine``: "prefix" (default: provably-zero cells skipped, the rest on the base run's key/value cache)
+    or "full" (the plain reference: whole prompts, every layer). ``normalize``: "pair" (each pair by its own
+    base-source gap) or "mean" (the batch-mean metric, TransformerLens's convention); pairs whose gap is below
+    ``min_gap`` x the median gap are excluded and counted (they only change the printed/assembled effects)."""
     from interpkit.models import load_model
     from interpkit.store import RunStore
     from tasks import get_task
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    _check_options(n=n, method=method, site=site, by=by, region=region, window=window, max_rows=max_rows,
+                   layers=layers, engine=engine, normalize=normalize, min_gap=min_gap, run_id=run_id)
     site = resolve_site(site)
     by = by or ("head" if site == "head_out" else "position")
     cfg = PatchConfig(site=site, by=by, region=region, window=window, mode=mode, direction=direction, metric=metric,
-                      layers=layers, positions=positions, max_rows=max_rows)
+                      layers=layers, positions=positions, max_rows=max_rows, engine=engine)
     builder = get_task(task)
     lm = load_model(model, remote=remote)
-    cfg.validate(lm.arch.n_layers, lm.arch.n_heads)
+    cfg.validate(lm.arch.n_layers)
     prompts = builder(lm.tokenizer, n=n, seed=seed)
     store = RunStore("patching", {"task": task, "n": n, "method": method, **vars(cfg)}, model=model, seed=seed,
-                     root=root, run_id=run_id)
+                     root=root, run_id=run_id, remote=remote)
+    _check_result_file(store)
     echo(f"patching {task} ({len(prompts)} pairs, {prompts.input_ids.shape[1]} tokens) on {model}: "
          f"{method}, {site} by {by}, {direction}{', remote' if remote else ''}")
 
     results = {}
     for name in (("exact", "attribution") if method == "both" else (method,)):
-        results[name] = _run_stored(store, name, lm, prompts, cfg, reuse_prefix)
+        results[name] = _run_stored(store, name, lm, prompts, cfg, echo)
+        results[name].normalize, results[name].min_gap = normalize, min_gap
     labels = position_labels(prompts, lm.tokenizer) if by == "position" else [f"H{h}" for h in range(lm.arch.n_heads)]
     labels = [labels[c] for c in next(iter(results.values())).cells] if by == "position" else labels
-    summary = {"run_dir": str(store.dir), "pairs": len(prompts), "figures": []}
+    excluded = int(next(iter(results.values())).excluded.sum())
+    summary = {"run_dir": str(store.dir), "pairs": len(prompts), "figures": [], "normalize": normalize,
+               "min_gap": min_gap, "excluded_pairs": excluded}
     for name, res in results.items():
         _save_result(store, name, res, labels)
         summary["figures"] += _figures(store, name, res, prompts, labels)
@@ -78,10 +85,31 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     return summary
 
 
-def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, reuse_prefix: bool = False) -> PatchResult:
+def _check_options(*, n: int, method: str, site: str, by: str | None, region: str, window: int, max_rows: int,
+                   layers: list[int] | None, engine: str, normalize: str, min_gap: float,
+                   run_id: str | None) -> None:
+    """Counts, ranges and flag combinations, before anything is loaded (one-line UserError each)."""
+    from interpkit import validate as V
+
+    V.count("--n", n)
+    V.count("--window", window)
+    V.count("--max-rows", max_rows)
+    V.int_list("--layers", layers)
+    V.choice("--normalize", normalize, ("pair", "mean"))
+    V.in_range("--min-gap", min_gap, 0.0, 1.0)
+    V.run_id(run_id)
+    head = by == "head" or (by is None and resolve_site(site) == "head_out")
+    V.conflict(head and region != "position", f"--region {region} patches a span of positions, but heads are "
+               f"patched at every position (--site head / --by head); drop --region or use --by position")
+    V.conflict(region != "window" and window != 1, f"--window {window} only applies to --region window")
+    V.choice("--engine", engine, ENGINES)
+    V.conflict(engine != "prefix" and method == "attribution", f"--engine {engine} chooses how exact patching "
+               f"runs; --method attribution has no engine: drop --engine")
+
+
+def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, echo=print) -> PatchResult:
     """One method's sweep, resuming from and writing chunks named ``<method>-<index>``."""
-    if name == "exact" and reuse_prefix:
-        return _run_prefix_stored(store, lm, prompts, cfg)
+    from interpkit.progress import stage
 
     def key(i):
         return f"{name}-{i:06d}"
@@ -99,26 +127,35 @@ def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, reuse_prefix: b
         store.write_chunk(key(i), arrays, seconds=now - clock[0])
         clock[0] = now
 
-    res = RUNNERS[name](lm, prompts, cfg, on_chunk=on_chunk, done=done)
+    if name == "exact" and cfg.engine == "prefix":
+        sweep = plan_patching(lm, prompts, cfg)
+        n = len(sweep.plan.chunks)
+        echo(f"exact: {n} chunks, {float(sweep.plan.skipped.float().mean()):.0%} of cells provably unchanged "
+             f"(skipped), {sweep.plan.work:.3f} of the full sweep's token-layers to compute"
+             + (f"; reusing {len(done)} stored chunks" if done else ""))
+        with stage("exact patching", n - len(done), "chunks") as bar:
+            res = execute(lm, cfg, sweep, on_chunk=on_chunk, done=done, progress=bar)
+    else:
+        if done:
+            echo(f"{name}: reusing {len(done)} stored chunks")
+        res = RUNNERS[name](lm, prompts, cfg, on_chunk=on_chunk, done=done)
     store.time(f"{name}_sweep", res.timings["sweep_s"])
     return res
 
 
-def _run_prefix_stored(store, lm, prompts, cfg: PatchConfig) -> PatchResult:
-    """The prefix-reuse sweep, stored as one chunk (values, base and source metrics); a rerun reads it back."""
-    from analyses.patching_prefix import run_prefix_patching
+def _check_result_file(store) -> None:
+    """A result.h5 left by an earlier run must be readable before anything is recomputed or written."""
+    import h5py
 
-    if store.has_chunk("exact-prefix"):
-        arrays = {k: torch.as_tensor(v) for k, v in store.read_chunk("exact-prefix").items()}
-        return PatchResult(config=cfg, layers=arrays["layers"].tolist(), cells=arrays["cells"].tolist(),
-                           values=arrays["values"], base=arrays["base"], source=arrays["source"],
-                           timings={"sweep_s": 0.0, "forwards": 0})
-    res = run_prefix_patching(lm, prompts, cfg)
-    store.write_chunk("exact-prefix", {"values": res.values.numpy(), "base": res.base.numpy(),
-                                       "source": res.source.numpy(), "layers": torch.tensor(res.layers).numpy(),
-                                       "cells": torch.tensor(res.cells).numpy()}, seconds=res.timings["sweep_s"])
-    store.time("exact_sweep", res.timings["sweep_s"])
-    return res
+    path = store.dir / "result.h5"
+    if not path.exists():
+        return
+    try:
+        h5py.File(path, "r").close()
+    except OSError:
+        store.close()
+        raise UserError(f"{path} is corrupted (not readable HDF5); it is assembled from results.h5: delete it "
+                        f"and rerun the same command to rebuild it") from None
 
 
 def _save_result(store, name: str, res: PatchResult, labels: list[str]) -> None:
@@ -134,6 +171,8 @@ def _save_result(store, name: str, res: PatchResult, labels: list[str]) -> None:
             g.create_dataset(key, data=value.numpy())
         g.create_dataset("labels", data=[s.encode() for s in labels])
         g.attrs["by"] = res.config.by
+        g.attrs["normalize"], g.attrs["min_gap"] = res.normalize, res.min_gap
+        g.create_dataset("excluded_pairs", data=res.excluded.numpy())
 
 
 def _figures(store, name: str, res: PatchResult, prompts, labels: list[str]) -> list[str]:
@@ -161,6 +200,9 @@ def top_cells(res: PatchResult, labels: list[str], k: int) -> list[dict]:
 
 def _print_table(summary: dict, results: dict, top: int, echo) -> None:
     echo(f"metric (mean over pairs): base {summary['metric_base']:.4f}, source {summary['metric_source']:.4f}")
+    echo(f"normalised by {'the batch-mean gap' if summary['normalize'] == 'mean' else 'each pair'}; "
+         f"{summary['excluded_pairs']} of {summary['pairs']} pairs excluded (|source - base| < "
+         f"{summary['min_gap']:g} x median)")
     for name in results:
         echo(f"{name}: {summary[f'{name}_seconds']:.2f} s; top {top} cells (normalised effect, 0 = base, 1 = source)")
         by = results[name].config.by

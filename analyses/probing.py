@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from analyses.patching import run_session
+from interpkit.engine.run import run_session
 from interpkit.errors import UserError
 from interpkit.plots import finish
 from interpkit.remote import ensure_shipped
@@ -477,10 +477,11 @@ def probe_command(model: str, task: str, targets: list[str], *, positions: str =
         pos = prompts.roles[positions]
     labels = labels_from_meta(prompts, targets, "all" if positions == "all" else "one")
     store = RunStore("probe", {"task": task, "targets": targets, "positions": positions, "n": n,
-                               "probe": asdict(cfg)}, model=model, seed=seed, root=root)
+                               "probe": asdict(cfg)}, model=model, seed=seed, root=root, remote=remote)
     res = probe_layers(lm, prompts, labels, positions=pos if positions != "all" else "all", cfg=cfg)
-    store.write_chunk(0, {"train_acc": res.train_acc.numpy(), "test_acc": res.test_acc.numpy(),
-                          "chance": res.chance.numpy(), "test_prompts": res.test_prompts.numpy()})
+    if not store.has_chunk(0):                     # a rerun recomputes (deterministic) and keeps the stored chunk
+        store.write_chunk(0, {"train_acc": res.train_acc.numpy(), "test_acc": res.test_acc.numpy(),
+                              "chance": res.chance.numpy(), "test_prompts": res.test_prompts.numpy()})
     res.to_dataframe().to_csv(store.dir / "probe.csv", index=False)
     res.plot(store.dir / "probe.png", title=f"{model} / {task}: probes at {positions}")
     for k, v in res.timings.items():

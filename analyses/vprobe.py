@@ -186,7 +186,8 @@ def vprobe_command(model: str, task: str, target: str, *, n: int | None = None, 
     arrays = {"train_acc": [res.model.train_acc], "test_acc": [res.model.test_acc]}
     if res.random is not None:
         arrays.update(random_train_acc=[res.random.train_acc], random_test_acc=[res.random.test_acc])
-    store.write_chunk(0, arrays)
+    if not store.has_chunk(0):                     # a rerun recomputes (deterministic) and keeps the stored chunk
+        store.write_chunk(0, arrays)
     res.to_dataframe().to_csv(store.dir / "vprobe.csv", index=False)
     res.plot(store.dir / "vprobe.png")
     for k, v in res.timings.items():

@@ -4,13 +4,16 @@ Kept import-free on purpose: modules such as ``interpkit.sites`` are shipped to 
 import whitelist, so importing the package must not pull in ``os``/``pathlib`` users like the loader.
 """
 __version__ = "0.1.0"
-__all__ = ["LoadedModel", "UserError", "load_model"]
+__all__ = ["LoadedModel", "UserError", "cache", "load_model"]
 
 
 def __getattr__(name: str):
     if name in ("LoadedModel", "load_model"):
         from interpkit import models
         return getattr(models, name)
+    if name == "cache":                            # the activation cache (analyses/tools/cache.py)
+        from analyses.tools.cache import cache
+        return cache
     if name == "UserError":
         from interpkit.errors import UserError
         return UserError

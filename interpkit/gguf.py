@@ -66,7 +66,9 @@ def resolve_builtin(name: str) -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("INTERPKIT_CACHE", Path.home() / ".cache" / "interpkit")) / "models"
+    from interpkit.paths import user_cache
+
+    return user_cache("models")
 
 
 def file_sha256(path: Path) -> str:
@@ -123,6 +125,16 @@ def check_gguf(path: Path) -> str:
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UserError(f"{path.name} holds a {arch!r} model, which transformers cannot read from GGUF; "
                         f"supported: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}")
+    try:                                         # a tokenizer transformers cannot build fails only after
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_TYPES  # converting
+    except ImportError:                          # (other transformers versions): leave it to transformers
+        return arch
+    field = reader.fields.get("tokenizer.ggml.model")
+    kind = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    if kind not in GGUF_TOKENIZER_TYPES:
+        what = "no tokenizer" if kind is None else f"a {kind!r} tokenizer"
+        raise UserError(f"{path.name} has {what}, which transformers cannot build from GGUF "
+                        f"(supported: {', '.join(sorted(GGUF_TOKENIZER_TYPES))}); use a GGUF with one of those")
     return arch
 
 

@@ -35,6 +35,16 @@ def margin(logits: torch.Tensor, answer_ids: torch.Tensor, candidates: torch.Ten
     return logits.gather(-1, ans)[:, 0] - others.max(-1).values
 
 
+def score(name: str, logits: torch.Tensor, answer_ids: torch.Tensor, wrong_ids: torch.Tensor,
+          candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The metric called ``name`` (logit_diff | prob_diff | margin) of last-position logits, per row."""
+    if name == "logit_diff":
+        return logit_diff(logits, answer_ids, wrong_ids)
+    if name == "prob_diff":
+        return prob_diff(logits, answer_ids, wrong_ids)
+    return margin(logits, answer_ids, candidates)
+
+
 def normalize(value: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """0 at the unpatched base run, 1 at the source run; NaN where the two runs do not differ."""
     denom = source - base

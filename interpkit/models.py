@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from interpkit.arch import Arch
-from interpkit.errors import UserError
+from interpkit.errors import UserError, first_line
 from interpkit.families import FAMILIES, Family, family_for
 
 TINY_SEED = 0
@@ -101,9 +101,10 @@ def _load_hf(name: str, dtype: torch.dtype | None, device: str | None, revision:
         hf = AutoModelForCausalLM.from_pretrained(src, revision=revision, dtype=dtype or "auto",
                                                   attn_implementation="eager", device_map=device,
                                                   local_files_only=offline)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:
         if local.exists():
-            raise UserError(f"cannot load {name!r}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load {name!r}: {first_line(e)}; point at a folder saved with "
+                            f"save_pretrained (config.json, weights, tokenizer)") from None
         raise UserError(f"cannot download {name!r} (no network or unknown id); "
                         f"use a local path or tiny:<family>") from None
     hf.eval()
@@ -121,6 +122,9 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
     from nnsight import TransformersModel
     from transformers.utils import logging as hf_logging
 
+    from interpkit.validate import model_name
+
+    model_name(name)                               # a missing folder is one line, not a hub lookup
     hf_logging.disable_progress_bar()              # no per-load "Loading weights" bars in CLI output
     if name.startswith("tiny:"):
         hf, tok = build_tiny(name.split(":", 1)[1])
@@ -142,7 +146,10 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
 
     ensure_shipped()                               # our trace helpers travel by value (NDIF lacks them)
     if remote is True:
+        from interpkit.remote.status import check_model_running
+
         check_versions(name)                       # stop early, in one line, on client/server skew
+        check_model_running(getattr(model, "repo_id", None) or name, revision)   # and when NDIF does not run it
     return LoadedModel(name=name, model=model, arch=arch, tokenizer=tok, remote=remote, revision=revision)
 
 
@@ -191,8 +198,13 @@ def _is_local_kind(name: str) -> bool:
 
 def _cached(name: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except HFValidationError:
+        raise UserError(f"{name!r} is neither an existing model folder nor a valid hub id; pass a folder with "
+                        f"config.json, a hub id such as gpt2, or tiny:<family>") from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -31,9 +31,20 @@ def site(model, name: str, layer: int, n_heads: int = 0) -> torch.Tensor:
     if name == "mlp_out":
         return first(block.mlp.output)
     if name == "head_out":
+        n_heads = n_heads or _config_heads(model)
         z = block.attn.o_proj.input
         return z.view(z.shape[0], z.shape[1], n_heads, z.shape[2] // n_heads)
     raise ValueError(f"unknown site {name!r}; use one of {SITES}")
+
+
+def _config_heads(model) -> int:
+    """The model's number of attention heads, from its config (``n_heads`` left out of ``site``)."""
+    config = model.config
+    for key in ("num_attention_heads", "n_head"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError("head_out needs n_heads: pass site(model, 'head_out', layer, lm.arch.n_heads)")
 
 
 def attention_pattern(model, layer: int) -> torch.Tensor:

@@ -1,11 +1,15 @@
 """Train a small causal LM on permutation state tracking, and evaluate its length generalisation.
 
 ``train(TrainConfig(...))`` trains a GPT-2 or GPT-NeoX model from scratch (or fine-tunes a hub model
-with the permutation strings added as tokens) with ``direct_state`` supervision: at every position t the
-model reads action a_t and is trained (cross-entropy over the whole vocabulary) to emit the token of the
-state s_t. Stories are generated on the fly; the batch of step k depends only on (seed, k), so a
-resumed run sees exactly the data an uninterrupted one would. AdamW, warmup + cosine/linear decay (a
-pure function of the step), gradient clipping, optional length curriculum.
+with the permutation strings added as tokens). Supervision (the seed's three): ``direct_state`` (at
+every position t the model reads action a_t and is trained, cross-entropy over the whole vocabulary, to
+emit the token of the state s_t), ``parity`` (the parity token "0"/"1" of s_t) and ``next_token`` (plain
+language modelling of topic-model stories: the paper's pretraining data, ``tasks.permutations.
+topic_model_stories``). Stories are generated on the fly; the batch of step k depends only on (seed, k),
+so a resumed run sees exactly the data an uninterrupted one would. AdamW, warmup + cosine/linear decay
+(a pure function of the step), gradient clipping, optional length curriculum or mixed lengths
+(``min_len``), randomised position ids, no positions (``positions="none"``), looped blocks
+(``tie_layers``), bfloat16 mixed precision, early stopping on the validation loss (``patience``).
 
 Checkpoints (``checkpoint-<step>/``) hold the model (safetensors), tokenizer, ``trainer_state.json``
 (step, config, history) and ``trainer_state.safetensors`` (AdamW moments and the torch RNG state), so
@@ -30,7 +34,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +64,13 @@ class TrainConfig:
     rotary_pct: float = 0.25              # neox only
     parallel_residual: bool = True        # neox only (use_parallel_residual)
     max_positions: int = 128              # learned-position table (gpt2); >= 2x train_len for eval
+    positions: str = "default"            # "default" (gpt2 learned, neox rotary) | "none" (gpt2: wpe zeroed and
+                                          # frozen = no positional information; neox: rotary_pct 0 is not allowed)
+    random_positions: int | None = None   # train with each row's position ids a sorted random subset of
+                                          # [0, random_positions) (randomised positions, Ruoss et al. 2023)
+    dtype: str = "float32"                # "float32" | "bfloat16" (weights and compute)
+    tie_layers: bool = False              # looped: every block shares block 0's weights while training (the
+                                          # exported model has n_layers identical blocks)
     bos: bool = False                     # from scratch: the tokenizer puts <bos> before every story
     tie_embeddings: bool = False          # actions and states share tokens: untied trains faster
     init_std: float = 0.02                # initializer_range of the HF config
@@ -68,6 +79,11 @@ class TrainConfig:
     train_len: int = 16
     start_len: int | None = None          # length curriculum: start at this length (None: no curriculum)
     curriculum_steps: int = 0             # linear curriculum: reach train_len after this many steps
+    min_len: int | None = None            # mixed lengths: each step's length uniform in [min_len, current length]
+    topic_mapping: str | None = None      # next_token: JSON [n_topics, n!] topic-word matrix (else Dir(beta))
+    n_topics: int = 4                     # next_token (topic-model stories, the paper's pretraining data)
+    alpha: float = 0.3
+    beta: float = 0.3
     advance_acc: float | None = None      # adaptive curriculum (used when set): grow the length by
     len_step: int = 1                     # len_step once the running (EMA 0.9) last-position training
     min_steps_per_len: int = 20           # accuracy >= advance_acc, at least min_steps_per_len steps apart
@@ -87,9 +103,11 @@ class TrainConfig:
     eval_every: int = 100
     eval_stories: int = 512
     target_acc: float | None = None       # stop once held-out state accuracy >= this at every position
+    patience: int | None = None           # early stopping: stop after this many evaluations without a lower
+                                          # validation loss (the model of the best evaluation is exported)
     output_dir: str | None = None
     save_every: int = 0                   # 0: only the final checkpoint
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = 1             # 0: keep every checkpoint
     log_every: int = 10
     progress: bool = True
 
@@ -103,6 +121,21 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
         if self.start_len is not None and not 1 <= self.start_len <= self.train_len:
             raise UserError(f"start_len must be in 1..train_len ({self.train_len}), got {self.start_len}")
+        checks = [(self.positions in ("default", "none"), f"positions {self.positions!r}; use default or none"),
+                  (self.positions == "default" or (self.arch == "gpt2" and self.base_model is None),
+                   "positions none needs arch gpt2 from scratch (neox models always rotate)"),
+                  (self.random_positions is None or self.random_positions >= self.train_len + 1,
+                   f"random_positions must be >= train_len + 1 ({self.train_len + 1})"),
+                  (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}; use float32 or bfloat16"),
+                  (self.min_len is None or 1 <= self.min_len <= self.train_len,
+                   f"min_len must be in 1..train_len ({self.train_len})"),
+                  (self.patience is None or self.patience >= 1, "patience must be >= 1"),
+                  (self.save_every >= 0 and self.keep_checkpoints >= 0, "save_every and keep_checkpoints must be >= 0"),
+                  (self.n_topics >= 1 and self.alpha > 0 and self.beta > 0, "n_topics >= 1, alpha > 0, beta > 0"),
+                  (self.steps >= 1 and self.batch_size >= 1 and self.train_len >= 1, "steps, batch_size, train_len >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"bad training option: {msg}")
 
     def length_at(self, step: int) -> int:
         """Story length of the batch at ``step`` under the linear curriculum."""
@@ -155,7 +188,10 @@ def build_model(cfg: TrainConfig):
             model = T.AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
         except OSError as e:
             raise UserError(f"cannot load base model {cfg.base_model!r}: {str(e).splitlines()[0]}") from None
-        add_permutation_tokens(tok, model, cfg.n)
+        try:                                       # already one token per permutation (e.g. our own models)
+            perm_token_ids(tok, cfg.n, space=True), perm_token_ids(tok, cfg.n, space=False)
+        except ValueError:
+            add_permutation_tokens(tok, model, cfg.n)
         return model, tok
     tok = build_tokenizer(cfg.n, add_bos=cfg.bos)
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
@@ -199,16 +235,55 @@ class Curriculum:
             st.update(length=min(cfg.train_len, st["length"] + cfg.len_step), ema=0.0, since=0)
 
 
+def step_length(cfg: TrainConfig, step: int, length: int) -> int:
+    """The story length of ``step``: ``length`` (the curriculum's), or with ``min_len`` uniform in
+    [min_len, length], a function of (seed, step)."""
+    if cfg.min_len is None or cfg.min_len >= length:
+        return length
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step + 17)
+    return int(torch.randint(cfg.min_len, length + 1, (1,), generator=gen))
+
+
+def random_position_ids(cfg: TrainConfig, step: int, rows: int, width: int) -> torch.Tensor | None:
+    """[rows, width] sorted random subsets of [0, random_positions) (None unless ``random_positions``)."""
+    if cfg.random_positions is None:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + step + 29)
+    keys = torch.rand(rows, cfg.random_positions, generator=gen)
+    return keys.argsort(-1)[:, :width].sort(-1).values
+
+
+def topic_word_matrix(cfg: TrainConfig):
+    """The run's [n_topics, n!] topic-word distributions: from ``topic_mapping`` (JSON) or Dir(beta)
+    drawn from the run seed, exactly as ``topic_model_stories(seed=cfg.seed)`` draws them."""
+    import numpy as np
+
+    from tasks.permutations import load_topic_mapping, symmetric_group
+
+    if cfg.topic_mapping:
+        return load_topic_mapping(cfg.topic_mapping, cfg.n)
+    rng = np.random.default_rng(cfg.seed)
+    return rng.dirichlet(np.full(symmetric_group(cfg.n).size, cfg.beta), size=cfg.n_topics)
+
+
 def make_batch(cfg: TrainConfig, step: int, tokenizer, token_maps: tuple,
-               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) of ``step``: a function of (seed, step, length) only."""
+               length: int | None = None, topic_word=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of ``step``: a function of (seed, step, length) only. ``next_token`` reads
+    topic-model stories (``topic_word``: the run's matrix, default ``topic_word_matrix(cfg)``)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     length = cfg.length_at(step) if length is None else length
-    st = sample_stories(cfg.batch_size, length, cfg.n, generator=gen)
+    if cfg.supervision == "next_token":
+        from tasks.permutations import topic_model_stories
+
+        tw = topic_word_matrix(cfg) if topic_word is None else topic_word
+        actions = topic_model_stories(cfg.batch_size, length, cfg.n, n_topics=len(tw), alpha=cfg.alpha,
+                                      seed=cfg.seed * 1_000_003 + step, topic_word=tw).words
+    else:
+        actions = sample_stories(cfg.batch_size, length, cfg.n, generator=gen).actions
     bare, spaced, parity_ids, prefix = token_maps
-    ids = spaced[st.actions]
-    ids[:, 0] = bare[st.actions[:, 0]]
-    lab = make_labels(st.actions, cfg.n, cfg.supervision)
+    ids = spaced[actions]
+    ids[:, 0] = bare[actions[:, 0]]
+    lab = make_labels(actions, cfg.n, cfg.supervision)
     if cfg.supervision == "direct_state":
         labels = spaced[lab]
     elif cfg.supervision == "parity":
@@ -231,14 +306,15 @@ def _token_maps(tokenizer, n: int) -> tuple:
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, model, tokenizer, optimizer, cfg: TrainConfig, step: int,
-                    history: list[dict], wall_s: float, curriculum: dict | None = None) -> None:
+                    history: list[dict], wall_s: float, curriculum: dict | None = None,
+                    extra: dict | None = None) -> None:
     """Model + tokenizer (HF, safetensors) and the trainer state needed to resume exactly."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    untied(model).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -250,7 +326,7 @@ def save_checkpoint(path: str | Path, model, tokenizer, optimizer, cfg: TrainCon
     save_file(tensors, str(tmp / "trainer_state.safetensors"))
     meta = {"step": step, "wall_s": wall_s, "config": asdict(cfg), "param_order": order,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
-            "curriculum": curriculum, "history": history}
+            "curriculum": curriculum, "history": history, **(extra or {})}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -290,8 +366,39 @@ def _load_checkpoint(path: Path, optimizer_factory):
     return model, tok, opt, meta
 
 
+def tie_layers(model, cfg: TrainConfig) -> None:
+    """``cfg.tie_layers``: make every block the same module as block 0 (a looped transformer), with
+    the key/value cache off (one shared layer index)."""
+    if not cfg.tie_layers:
+        return
+    blocks = decoder_layers(model)
+    for i in range(1, len(blocks)):
+        blocks[i] = blocks[0]
+    model.config.use_cache = False
+
+
+def untied(model):
+    """A copy of a looped model with n independent (identical) blocks, each with its own layer index,
+    as an ordinary HF model saves and loads; ``model`` itself when its blocks are distinct."""
+    import copy
+
+    blocks = decoder_layers(model)
+    if len(blocks) < 2 or blocks[1] is not blocks[0]:
+        return model
+    out = copy.deepcopy(model)
+    ob = decoder_layers(out)
+    for i in range(len(ob)):
+        ob[i] = copy.deepcopy(ob[0])
+        for m in ob[i].modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    out.config.use_cache = True
+    return out
+
+
 def _make_optimizer(cfg: TrainConfig):
     def factory(model):
+        tie_layers(model, cfg)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -307,17 +414,29 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
           on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train per ``cfg``. With ``resume`` and a checkpoint in ``cfg.output_dir``, continue from it.
     ``stop_at`` ends the run early at that step (saving a checkpoint), as an interruption would.
-    ``on_log`` receives every history record (loss, accuracy, held-out accuracy, wall time)."""
+    ``on_log`` receives every history record (loss, accuracy, held-out accuracy, wall time).
+
+    Every ``eval_every`` steps: the validation loss (same supervision, held-out stories at train_len)
+    and, for ``direct_state``, held-out state accuracy per position. With ``patience`` the run stops
+    after that many evaluations without a lower validation loss and the best evaluation's weights are
+    the ones exported."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     factory = _make_optimizer(cfg)
     ckpt = latest_checkpoint(cfg.output_dir) if (resume and cfg.output_dir) else None
+    early = {"best_loss": None, "best_step": None, "bad": 0}
+    best_state = None
     if ckpt is not None:
         model, tok, opt, meta = _load_checkpoint(ckpt, factory)
         if TrainConfig.from_dict(meta["config"]) != _comparable(cfg, meta["config"]):
             raise UserError(f"{ckpt} was made with another config; use a fresh output_dir or resume=False")
         step, history, wall_before = meta["step"], meta["history"], meta["wall_s"]
         cur = Curriculum(cfg, meta.get("curriculum"))
+        early = meta.get("early_stopping") or early
+        best_file = Path(cfg.output_dir) / "best-model.safetensors"
+        if cfg.patience and best_file.exists():
+            from safetensors.torch import load_file
+            best_state = load_file(str(best_file))
     else:
         with torch.random.fork_rng():
             model, tok = build_model(cfg)
@@ -325,15 +444,17 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
         opt = factory(model)
         step, history, wall_before = 0, [], 0.0
         cur = Curriculum(cfg)
+    _apply_positions(model, cfg)
     maps = _token_maps(tok, cfg.n)
+    topic_word = topic_word_matrix(cfg) if cfg.supervision == "next_token" else None
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     t0 = time.perf_counter()
-    final_eval, reached = None, False
+    final_eval, reached, stopped = None, False, False
     with _progress(cfg, end, step) as prog:
         model.train()
         while step < end:
-            length = cur.length(step)
-            loss, acc, last_acc = _train_step(model, opt, cfg, step, length, tok, maps)
+            length = step_length(cfg, step, cur.length(step))
+            loss, acc, last_acc = _train_step(model, opt, cfg, step, length, tok, maps, topic_word)
             cur.update(last_acc)
             step += 1
             rec = None
@@ -341,31 +462,89 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
                 rec = {"step": step, "loss": round(loss, 5), "acc": round(acc, 4), "len": length,
                        "lr": cfg.lr_at(step - 1), "wall_s": round(wall_before + time.perf_counter() - t0, 2)}
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == end):
-                ev = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                              seed=cfg.seed + _EVAL_SEED_OFFSET, restrict_parity=False)
-                model.train()
                 rec = rec or {"step": step, "loss": round(loss, 5), "acc": round(acc, 4)}
-                rec.update(eval_min_acc=round(ev["min_state_acc"], 4), eval_acc=round(ev["mean_state_acc"], 4),
-                           eval_parity=round(ev["mean_parity_acc"], 4))
-                final_eval = ev
+                v_loss, v_acc = validation_loss(model, tok, cfg, maps, topic_word)
+                rec.update(val_loss=round(v_loss, 5), val_acc=round(v_acc, 4))
+                if cfg.supervision == "direct_state":
+                    ev = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
+                                  seed=cfg.seed + _EVAL_SEED_OFFSET, restrict_parity=False, dtype=cfg.dtype)
+                    rec.update(eval_min_acc=round(ev["min_state_acc"], 4), eval_acc=round(ev["mean_state_acc"], 4),
+                               eval_parity=round(ev["mean_parity_acc"], 4))
+                    final_eval = ev
+                model.train()
+                if early["best_loss"] is None or v_loss < early["best_loss"]:
+                    early.update(best_loss=v_loss, best_step=step, bad=0)
+                    if cfg.patience:
+                        best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                        if cfg.output_dir:
+                            _save_best(cfg, best_state)
+                else:
+                    early["bad"] += 1
+                stopped = bool(cfg.patience) and early["bad"] >= cfg.patience
             if rec:
                 history.append(rec)
                 prog.update(rec)
                 if on_log is not None:
                     on_log(rec)
             if cfg.output_dir and cfg.save_every and step % cfg.save_every == 0 and step < end:
-                _save(cfg, model, tok, opt, step, history, wall_before + time.perf_counter() - t0, cur.state)
+                _save(cfg, model, tok, opt, step, history, wall_before + time.perf_counter() - t0, cur.state, early)
             if cfg.target_acc is not None and rec and "eval_min_acc" in rec and final_eval["min_state_acc"] >= cfg.target_acc:
                 reached = True
+                break
+            if stopped:
                 break
     model.eval()
     wall = wall_before + time.perf_counter() - t0
     if cfg.output_dir:
-        _save(cfg, model, tok, opt, step, history, wall, cur.state)
-        if reached or step >= cfg.steps:
-            export_model(cfg.output_dir, model, tok, cfg, step, wall, history, final_eval)
+        _save(cfg, model, tok, opt, step, history, wall, cur.state, early)
+    if stopped or (cfg.patience and best_state is not None and step >= cfg.steps):
+        model.load_state_dict(best_state)        # early stopping: the best evaluation's weights
+        if cfg.supervision == "direct_state":
+            final_eval = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
+                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype)
+    if cfg.output_dir and (reached or stopped or step >= cfg.steps):
+        export_model(cfg.output_dir, model, tok, cfg, step, wall, history, final_eval,
+                     extra={"early_stopping": dict(early, stopped=stopped)} if cfg.patience else None)
     return TrainResult(model=model, tokenizer=tok, config=cfg, step=step, wall_s=wall, history=history,
                        final_eval=final_eval, output_dir=cfg.output_dir)
+
+
+def _apply_positions(model, cfg: TrainConfig) -> None:
+    """``positions="none"``: GPT-2's position table zeroed and frozen (no positional information)."""
+    if cfg.positions == "none":
+        wpe = model.transformer.wpe.weight
+        with torch.no_grad():
+            wpe.zero_()
+        wpe.requires_grad_(False)
+
+
+def _autocast(cfg: TrainConfig):
+    """bfloat16 mixed precision (float32 master weights, as HF's bf16=True); a no-op for float32."""
+    import contextlib
+
+    if cfg.dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, cfg: TrainConfig, maps=None, topic_word=None) -> tuple[float, float]:
+    """(mean loss, token accuracy) on ``eval_stories`` held-out stories of train_len with the run's
+    supervision (never seen in training: another generator seed)."""
+    was = model.training
+    model.eval()
+    held = replace(cfg, seed=cfg.seed + _EVAL_SEED_OFFSET, batch_size=cfg.eval_stories, min_len=None)
+    if cfg.supervision == "next_token" and topic_word is None:
+        topic_word = topic_word_matrix(cfg)
+    ids, labels = make_batch(held, 0, tokenizer, maps or _token_maps(tokenizer, cfg.n), cfg.train_len, topic_word)
+    with _autocast(cfg):
+        logits = model(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    mask = labels != -100
+    acc = ((logits.argmax(-1) == labels) & mask).sum().item() / max(1, mask.sum().item())
+    if was:
+        model.train()
+    return loss.item(), acc
 
 
 def _comparable(cfg: TrainConfig, saved: dict) -> TrainConfig:
@@ -374,12 +553,15 @@ def _comparable(cfg: TrainConfig, saved: dict) -> TrainConfig:
     return TrainConfig.from_dict({**asdict(cfg), **{k: saved[k] for k in free if k in saved}})
 
 
-def _train_step(model, opt, cfg: TrainConfig, step: int, length: int, tok, maps) -> tuple[float, float, float]:
-    ids, labels = make_batch(cfg, step, tok, maps, length)
+def _train_step(model, opt, cfg: TrainConfig, step: int, length: int, tok, maps,
+                topic_word=None) -> tuple[float, float, float]:
+    ids, labels = make_batch(cfg, step, tok, maps, length, topic_word)
+    pos = random_position_ids(cfg, step, ids.shape[0], ids.shape[1])
     for g in opt.param_groups:
         g["lr"] = cfg.lr_at(step)
-    logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    with _autocast(cfg):
+        logits = model(input_ids=ids, **({"position_ids": pos} if pos is not None else {})).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
@@ -393,10 +575,23 @@ def _train_step(model, opt, cfg: TrainConfig, step: int, length: int, tok, maps)
     return loss.item(), acc, last_acc
 
 
-def _save(cfg, model, tok, opt, step, history, wall, curriculum) -> None:
+def _save_best(cfg: TrainConfig, state: dict) -> None:
+    from safetensors.torch import save_file
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / f"checkpoint-{step}", model, tok, opt, cfg, step, history, wall, dict(curriculum))
+    tmp = out / "best-model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(out / "best-model.safetensors")
+
+
+def _save(cfg, model, tok, opt, step, history, wall, curriculum, early=None) -> None:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / f"checkpoint-{step}", model, tok, opt, cfg, step, history, wall, dict(curriculum),
+                    extra={"early_stopping": early} if early is not None else None)
+    if cfg.keep_checkpoints == 0:                 # keep every checkpoint (--save-every)
+        return
     olds = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
     for _, p in olds[:-max(1, cfg.keep_checkpoints)]:
         shutil.rmtree(p, ignore_errors=True)
@@ -409,7 +604,7 @@ def export_model(out_dir: str | Path, model, tokenizer, cfg: TrainConfig, step: 
     (config, seed, steps, wall time, held-out accuracy, history, and ``extra``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    untied(model).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     recipe = {"config": asdict(cfg), "seed": cfg.seed, "steps_run": step, "wall_s": round(wall_s, 1),
               "torch": torch.__version__, "threads": cfg.threads,
@@ -452,18 +647,97 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
+def train_command(recipe: str | None, output_dir: str, options: dict, *, resume: bool = True, echo=print) -> TrainResult:
+    """``interpkit train``: a recipe's config (if given) with ``options`` on top, trained into output_dir."""
+    base = {}
+    if recipe:
+        try:
+            base = json.loads(Path(recipe).read_text())["config"]
+        except OSError as e:
+            raise UserError(f"cannot read --recipe {recipe}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--recipe {recipe} is not a recipe.json (a JSON object with a 'config')") from None
+    try:
+        cfg = TrainConfig.from_dict({**base, **options, "output_dir": output_dir})
+    except TypeError as e:
+        raise UserError(f"bad training option: {e}") from None
+    res = train(cfg, resume=resume)
+    if cfg.supervision == "direct_state":
+        ev = res.final_eval or {}
+        echo(f"trained {res.step} steps in {res.wall_s:.0f}s -> {output_dir}; "
+             f"held-out min state accuracy {ev.get('min_state_acc', float('nan')):.4f}")
+    else:
+        last = next((r for r in reversed(res.history) if "val_loss" in r), {})
+        echo(f"trained {res.step} steps in {res.wall_s:.0f}s -> {output_dir}; {cfg.supervision} validation "
+             f"loss {last.get('val_loss', float('nan')):.4f}, token accuracy {last.get('val_acc', float('nan')):.4f}")
+    return res
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int = 1000, seed: int = 12345,
-             batch_size: int = 256, restrict_parity: bool = False) -> dict:
+             batch_size: int = 256, restrict_parity: bool = False, dtype: str = "float32",
+             skip_layers: list[int] | None = None) -> dict:
     """State and parity accuracy per position on ``n_stories`` fresh random stories of ``length``.
 
     Logits are restricted to the (space-prefixed) permutation tokens; the prediction is their argmax;
     parity accuracy compares the predicted state's parity with the true one. ``state_cutoff`` /
     ``parity_cutoff`` = first length (1-based position) whose accuracy < 0.98, or None.
+    ``dtype="bfloat16"`` runs a float32 model under bfloat16 autocast; ``skip_layers`` makes those
+    blocks pass the residual stream through unchanged (the seed's layer-skipping ablation).
     """
+    with skipped_layers(model, skip_layers or []):
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else _nullcontext()):
+            return _evaluate(model, tokenizer, n=n, length=length, n_stories=n_stories, seed=seed,
+                             batch_size=batch_size)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks of an HF causal LM (GPT-2, NeoX, Llama-style)."""
+    for path in ("transformer.h", "gpt_neox.layers", "model.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class skipped_layers:
+    """Context manager: the given blocks return their input hidden states (residual passes through)."""
+
+    def __init__(self, model, layers: list[int]) -> None:
+        self.model, self.layers, self.handles = model, list(layers), []
+
+    def __enter__(self):
+        blocks = decoder_layers(self.model)
+        bad = [i for i in self.layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise UserError(f"skip layer(s) {bad} out of range; this model has layers 0..{len(blocks) - 1}")
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        self.handles = [blocks[i].register_forward_hook(hook, with_kwargs=True) for i in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: int, batch_size: int) -> dict:
     was_training = model.training
     model.eval()
     g = symmetric_group(n)
@@ -501,9 +775,11 @@ def cutoff(acc: torch.Tensor | list[float], threshold: float = CUTOFF) -> int | 
 
 
 def evaluate_length_generalization(model, tokenizer, *, n: int = 3, train_len: int = 16, factor: int = 2,
-                                   n_stories: int = 1000, seed: int = 12345) -> dict:
+                                   n_stories: int = 1000, seed: int = 12345, dtype: str = "float32",
+                                   skip_layers: list[int] | None = None) -> dict:
     """``evaluate`` at ``factor`` x the training length, plus accuracy summaries inside/beyond it."""
-    res = evaluate(model, tokenizer, n=n, length=factor * train_len, n_stories=n_stories, seed=seed)
+    res = evaluate(model, tokenizer, n=n, length=factor * train_len, n_stories=n_stories, seed=seed,
+                   dtype=dtype, skip_layers=skip_layers)
     res["train_len"] = train_len
     res["min_state_acc_in_train_len"] = min(res["state_acc"][:train_len])
     res["mean_state_acc_beyond"] = sum(res["state_acc"][train_len:]) / max(1, len(res["state_acc"][train_len:]))

@@ -32,6 +32,7 @@ def _permutations(tokenizer, **kw) -> PromptSet:
 TASKS: dict[str, Builder] = {
     "ioi": ioi.build,
     "gt": greater_than.build,
+    "gt-digits": greater_than.build_digits,
     "gp": gender_pronoun.build,
     "days": calendar.build_days,
     "months": calendar.build_months,
@@ -42,7 +43,12 @@ TASKS["permutations"] = _permutations
 
 
 def get_task(name: str) -> Builder:
-    """The builder registered as ``name``."""
+    """The builder registered as ``name``, or for a ``.jsonl`` / ``.csv`` path one that loads that file
+    (``tasks.custom``: your own prompts, answers and optional corrupted prompts / wrong answers / subjects)."""
+    from tasks.custom import builder, is_dataset_path
+
+    if name not in TASKS and is_dataset_path(name):
+        return builder(name)
     if name not in TASKS:
         from interpkit.errors import UserError
 

@@ -64,6 +64,10 @@ def build(tokenizer, n: int = 256, seed: int = 0) -> PromptSet:
     """``n`` prompts balanced over YY = 02..98; a YY with no valid year for this tokenizer is filtered."""
     rng = np.random.default_rng(seed)
     years = valid_years(tokenizer)
+    if not years and digits_apply(tokenizer):
+        from interpkit.errors import UserError
+
+        raise UserError("task gt: this tokenizer spells years digit by digit; use --task gt-digits")
     single = [w for w in NOUNS if single_token_id(tokenizer, " " + w) is not None]
     nouns = single or NOUNS
     digits = {xx: _two_digit_ids(tokenizer, xx) for xx in CENTURIES}
@@ -85,3 +89,55 @@ def build(tokenizer, n: int = 256, seed: int = 0) -> PromptSet:
         for k, v in zip(meta, (noun, xx * 100 + yy, xx, yy)):
             meta[k].append(v)
     return make_prompt_set(tokenizer, "gt", texts, spans, answers, wrong, corrupted, meta)
+
+
+# -- the digit-level variant, for tokenizers that spell numbers digit by digit (Llama-3, SmolLM, Gemma) --
+DIGIT_TENS = range(1, 9)
+"""Tens digits a of YY = 10a + b with a smaller and a larger tens digit both available."""
+
+
+def _digit_ids(tokenizer, xx: int) -> list[int | None]:
+    """Token id of each digit "0".."9" as it follows " XX" (None where that is not one token)."""
+    return [single_token_id(tokenizer, str(d), prefix=f"the year {xx}") for d in range(10)]
+
+
+def digits_apply(tokenizer) -> bool:
+    """Whether this tokenizer writes years digit by digit (" 1732" ends in the tokens "1" "7" "3" "2")."""
+    toks = text_tokens(tokenizer, " 1732", prefix="year")
+    return toks is not None and len(toks) >= 4 and all(single_token_id(tokenizer, d, prefix="17") is not None
+                                                       for d in "0123456789")
+
+
+def build_digits(tokenizer, n: int = 256, seed: int = 0) -> PromptSet:
+    """Greater-Than at the tens digit: "... from the year 1732 to the year 17" -> next token a digit.
+
+    With YY = 10a + b, every year ending in a tens digit d > a is later and every d < a earlier, while
+    d = a is ambiguous (it depends on the units). answer_ids: the digits d > a; wrong_ids: d < a; the
+    metric (``logit_diff``) is the mean logit of the first minus that of the second. YY cycles over the
+    tens digits 1..8 (and units 0..9) so the set is balanced; the corrupted year is XX01 (tens digit 0).
+    """
+    if not digits_apply(tokenizer):
+        from interpkit.errors import UserError
+
+        raise UserError("task gt-digits: this tokenizer keeps two-digit years whole; use --task gt")
+    rng = np.random.default_rng(seed)
+    single = [w for w in NOUNS if single_token_id(tokenizer, " " + w) is not None]
+    nouns = single or NOUNS
+    texts, corrupted, spans, answers, wrong = [], [], [], [], []
+    meta = {"noun": [], "year": [], "XX": [], "YY": []}
+    for i in range(n):
+        a, b = DIGIT_TENS[i % len(DIGIT_TENS)], (i // len(DIGIT_TENS)) % 10
+        yy, xx = 10 * a + b, CENTURIES[int(rng.integers(len(CENTURIES)))]
+        noun = nouns[int(rng.integers(len(nouns)))]
+        text = TEMPLATE.format(noun=noun, xx=xx, yy=yy)
+        y0 = text.index(" from the year ") + len(" from the year ")
+        digits = _digit_ids(tokenizer, xx)
+        texts.append(text)
+        corrupted.append(TEMPLATE.format(noun=noun, xx=xx, yy=1))
+        spans.append({"noun": Span(4, 4 + len(noun)), "XX1": Span(y0, y0 + 2), "YY": Span(y0 + 2, y0 + 4),
+                      "end": Span(len(text) - 1, len(text))})
+        answers.append([t for t in digits[a + 1:] if t is not None])
+        wrong.append([t for t in digits[:a] if t is not None])
+        for k, v in zip(meta, (noun, xx * 100 + yy, xx, yy)):
+            meta[k].append(v)
+    return make_prompt_set(tokenizer, "gt-digits", texts, spans, answers, wrong, corrupted, meta)

@@ -220,6 +220,63 @@ def topic_model_stories(n_stories: int, length: int = 100, n: int = 3, *, n_topi
                         topic_word=torch.from_numpy(tw), doc_topic=torch.from_numpy(theta))
 
 
+def load_topic_mapping(path: str, n: int = 3, n_topics: int | None = None) -> np.ndarray:
+    """A [K, n!] topic-word matrix from JSON: a list of K rows over the permutations in lexicographic
+    order (the seed's ``paper_topic_mapping.json``) or an object with ``topic_mapping_0`` (one of its
+    story files). Rows are renormalised; bad files raise UserError."""
+    import json
+
+    from interpkit.errors import UserError
+
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as e:
+        raise UserError(f"cannot read topic mapping {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"topic mapping {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    if isinstance(data, dict):
+        data = data.get("topic_mapping_0")
+    P = symmetric_group(n).size
+    try:
+        tw = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):
+        tw = np.zeros(0)
+    if tw.ndim != 2 or tw.shape[1] != P or (n_topics is not None and tw.shape[0] != n_topics):
+        want = f"[{n_topics if n_topics is not None else 'K'}, {P}]"
+        raise UserError(f"topic mapping {path} must be a {want} list of probabilities over the S{n} "
+                        f"permutations, got shape {tuple(tw.shape) if tw.ndim else 'none'}")
+    if (tw < 0).any() or (tw.sum(1) <= 0).any():
+        raise UserError(f"topic mapping {path} has negative or all-zero rows")
+    return tw / tw.sum(1, keepdims=True)
+
+
+def export_topic_dataset(out_dir: str, n_stories: int, length: int = 100, n: int = 3, *, n_topics: int = 4,
+                         alpha: float = 0.3, beta: float = 0.3, seed: int = 0, train_ratio: float = 0.999,
+                         topic_mapping: str | None = None) -> dict[str, str]:
+    """Topic-model pretraining data (``topic_model_stories``), one ``.npz`` per split: words (action
+    indices), per-word topics, per-story topic distributions, the shared topic-word matrix and the
+    permutation table. ``topic_mapping`` starts from a given [K, n!] matrix instead of Dir(beta)."""
+    import os
+
+    tw = None if topic_mapping is None else load_topic_mapping(topic_mapping, n)
+    n_topics = n_topics if tw is None else len(tw)          # a given mapping sets the number of topics
+    ts = topic_model_stories(n_stories, length, n, n_topics=n_topics, alpha=alpha, beta=beta, seed=seed,
+                             topic_word=tw)
+    is_test = np.random.default_rng(seed + 1).random(n_stories) >= train_ratio
+    os.makedirs(out_dir, exist_ok=True)
+    paths, g = {}, symmetric_group(n)
+    dt = np.uint8 if g.size <= 256 else np.int16
+    for split, mask in (("train", ~is_test), ("test", is_test)):
+        paths[split] = os.path.join(out_dir, f"{split}.npz")
+        m = torch.from_numpy(mask)
+        np.savez_compressed(paths[split], n=np.int64(n), perms=np.array(g.perms, dtype=np.int8),
+                            words=ts.words[m].numpy().astype(dt), topics=ts.topics[m].numpy().astype(np.uint8),
+                            doc_topic=ts.doc_topic[m].numpy().astype(np.float32),
+                            topic_word=ts.topic_word.numpy(), alpha=np.float64(alpha), beta=np.float64(beta))
+    return paths
+
+
 def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     """One draw per row of probs[..., K] by inverse CDF."""
     cdf = probs.cumsum(-1)
@@ -249,6 +306,26 @@ def export_dataset(out_dir: str, n_stories: int, length: int, n: int = 3, *, see
         paths[split] = os.path.join(out_dir, f"{split}.npz")
         save_split(paths[split], Stories(n=n, actions=actions[mask], states=run_states(actions[mask], n)))
     return paths
+
+
+def data_command(out: str, *, kind: str = "permutations", n: int = 3, length: int = 100, stories: int = 100_000,
+                 seed: int = 0, train_ratio: float = 0.9, topics: int = 4, alpha: float = 0.3, beta: float = 0.3,
+                 topic_mapping: str | None = None) -> dict[str, str]:
+    """``interpkit data``: validate the options and export ``kind`` (permutations | topic)."""
+    from interpkit.errors import UserError
+
+    checks = [(kind in ("permutations", "topic"), f"--kind {kind!r}; use permutations or topic"),
+              (2 <= n <= 9, f"--n {n}; S_n needs 2 <= n <= 9"), (length >= 1, "--length must be >= 1"),
+              (stories >= 1, "--stories must be >= 1"), (0 < train_ratio <= 1, "--train-ratio must be in (0, 1]"),
+              (topics >= 1 and alpha > 0 and beta > 0, "--topics >= 1, --alpha > 0 and --beta > 0"),
+              (topic_mapping is None or kind == "topic", "--topic-mapping needs --kind topic")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(f"bad data option: {msg}")
+    if kind == "topic":
+        return export_topic_dataset(out, stories, length, n, n_topics=topics, alpha=alpha, beta=beta, seed=seed,
+                                    train_ratio=train_ratio, topic_mapping=topic_mapping)
+    return export_dataset(out, stories, length, n, seed=seed, train_ratio=train_ratio)
 
 
 def save_split(path: str, stories: Stories) -> None:

@@ -75,6 +75,13 @@ def make_facts(n_subjects: int = 150, seed: int = 0, min_len: int = 2, max_len: 
 def prompt_set(tokenizer, facts: list[Fact]) -> PromptSet:
     """Left-padded prompts (with BOS) and roles subject_first / subject_last / last in padded coordinates."""
     vocab = tokenizer.get_vocab()
+    missing = sorted({w for f in facts for w in f.prompt.split() + [f.attribute]} - set(vocab))
+    if missing or tokenizer.bos_token_id is None:
+        from interpkit.errors import UserError
+
+        raise UserError(f"synthetic_facts needs a word-level tokenizer with a BOS token and every syllable as one token "
+                        f"(this one lacks {', '.join(missing[:3]) or 'a BOS token'}...); use a model trained on it "
+                        f"(artifacts/models/synthetic-facts-gpt2) or --task facts")
     seqs = [[tokenizer.bos_token_id] + [vocab[w] for w in f.prompt.split()] for f in facts]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)

@@ -5,6 +5,8 @@ cell (and torch.autograd for gradients): nothing of nnsight or of the batched en
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -155,14 +157,53 @@ def test_full_patch_at_last_layer_restores_source(lm):
 
 @pytest.mark.parametrize("site", ["resid_pre", "head_out"])
 def test_prefix_reuse_equals_full_sweep(lm, site):
-    from analyses.patching_prefix import run_prefix_patching
-
     prompts = random_pairs(lm)
-    for direction, blocks in (("denoise", 2), ("noise", 3)):
-        cfg = PatchConfig(site=site, direction=direction, max_rows=6)
-        full, fast = run_patching(lm, prompts, cfg), run_prefix_patching(lm, prompts, cfg, blocks, blocks)
+    for direction, rows in (("denoise", 6), ("noise", 9)):
+        cfg = PatchConfig(site=site, direction=direction, max_rows=rows)
+        full = run_patching(lm, prompts, replace(cfg, engine="full"))
+        fast = run_patching(lm, prompts, cfg)
         assert (full.values - fast.values).abs().max().item() < 1e-5
         assert (full.source - fast.source).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("site, by, region, mode", [
+    ("resid_post", "position", "position", "substitution"), ("attn_out", "position", "prefix", "substitution"),
+    ("mlp_out", "position", "suffix", "deletion"), ("head_out", "head", "position", "substitution"),
+    ("unembed_in", "position", "position", "substitution"), ("resid_pre", "position", "window", "substitution")])
+def test_engine_equals_full_engine_for_every_site(site, by, region, mode):
+    """Every site kind, region and mode on the prefix engine equals the plain reference engine."""
+    for family in ("gpt2", "llama"):
+        lm = tiny(family)
+        prompts = random_pairs(lm, seed=2)
+        cfg = PatchConfig(site=site, by=by, region=region, mode=mode, window=2, max_rows=7)
+        full, fast = run_patching(lm, prompts, replace(cfg, engine="full")), run_patching(lm, prompts, cfg)
+        assert (full.values - fast.values).abs().max().item() < 1e-5, family
+        assert (full.base - fast.base).abs().max().item() < 1e-5
+
+
+def test_plan_skips_exactly_the_cells_before_the_first_difference():
+    """Cells before the first differing token are skipped (their value is the base run's, bit for bit),
+    so are last-layer writes away from the last position; everything else is computed."""
+    from interpkit.engine.plan import SweepSpec, plan_sweep
+
+    T, L = 6, 3
+    first = torch.tensor([2, 4])
+    spec = SweepSpec(site="resid_post", layers=list(range(L)), n_layers=L, cell_masks=torch.eye(T, dtype=torch.bool),
+                     first_diff=first, max_rows=5)
+    plan = plan_sweep(spec)
+    for p in range(2):
+        for layer in range(L):
+            for t in range(T):
+                expect = t < first[p] or (layer == L - 1 and t != T - 1)
+                assert bool(plan.skipped[p, layer, t]) == expect, (p, layer, t)
+    rows = sum(c.n_rows for c in plan.chunks)
+    assert rows == int((~plan.skipped).sum()) and all(c.n_rows <= 5 for c in plan.chunks)
+    assert all(c.p0 >= int(first.min()) for c in plan.chunks) and 0 < plan.work < 0.5
+    lm = tiny("neox")
+    prompts = random_pairs(lm, seed=3)
+    res = run_patching(lm, prompts, PatchConfig(site="resid_pre"))
+    assert res.skipped.any() and torch.equal(res.values[res.skipped],
+                                             res.base[:, None, None].expand_as(res.values)[res.skipped])
 
 
 # -- attribution patching -------------------------------------------------------------------------
@@ -268,7 +309,6 @@ def test_loopback_ndif_single_request(method):
 
 def test_prefix_reuse_through_loopback_is_one_request():
     """The prefix-reuse sweep runs as one session: one request, the base run's cache kept on the server."""
-    from analyses.patching_prefix import run_prefix_patching
     from interpkit.remote import loopback
 
     lm = tiny("llama")
@@ -278,17 +318,17 @@ def test_prefix_reuse_through_loopback_is_one_request():
     for p in params:
         p.requires_grad_(False)
     try:
-        local = run_prefix_patching(lm, prompts, cfg, 2, 2)
+        local = run_patching(lm, prompts, cfg)
     finally:
         for p in params:
             p.requires_grad_(True)
     with loopback.LoopbackNDIF(lm.model) as server:
         before = _n_requests(server)
-        remote = run_prefix_patching(_as_remote(lm, True), prompts, cfg, 2, 2)
+        remote = run_patching(_as_remote(lm, True), prompts, cfg)
         assert _n_requests(server) - before == 1
     assert local.timings["forwards"] > 3
     assert torch.equal(local.values, remote.values) and torch.equal(local.base, remote.base)
-    assert (run_patching(lm, prompts, cfg).values - remote.values).abs().max().item() < 1e-5
+    assert (run_patching(lm, prompts, replace(cfg, engine="full")).values - remote.values).abs().max().item() < 1e-5
 
 
 def _n_requests(server) -> int:
@@ -328,8 +368,8 @@ def test_unpaired_or_misaligned_prompts_raise_user_error():
 def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
     import h5py
 
-    from analyses import patching as engine
     from analyses.patching_cli import patch_command
+    from interpkit.engine import inside as engine
     from interpkit.store import RunStore
 
     kw = dict(task="gp", model="tiny:gpt2", site="resid", method="both", n=4, max_rows=40, root=str(tmp_path / "a"))
@@ -345,8 +385,8 @@ def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
         patch_command(**kw, echo=lambda line: None)
     monkeypatch.setattr(RunStore, "write_chunk", real_write)
 
-    traces, real_trace = [], engine.trace_chunk
-    monkeypatch.setattr(engine, "trace_chunk", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
+    traces, real_trace = [], engine.trace_suffix
+    monkeypatch.setattr(engine, "trace_suffix", lambda *a, **k: traces.append(1) or real_trace(*a, **k))
     lines = []
     resumed = patch_command(**kw, echo=lines.append)
     n_resumed = len(traces)
@@ -366,17 +406,17 @@ def test_patch_command_prefix_reuse_equals_engine(tmp_path, monkeypatch):
     import h5py
 
     kw = dict(task="gp", model="tiny:llama", site="mlp", n=3, echo=lambda line: None)
-    a = patch_command(**kw, root=str(tmp_path / "a"))
-    b = patch_command(**kw, root=str(tmp_path / "b"), reuse_prefix=True)
+    a = patch_command(**kw, root=str(tmp_path / "a"), engine="full")
+    b = patch_command(**kw, root=str(tmp_path / "b"))
     read = lambda s: h5py.File(f"{s['run_dir']}/result.h5", "r")["exact"]["values"][()]  # noqa: E731
     assert abs(read(a) - read(b)).max() < 1e-5
-    import analyses.patching_prefix as PP
+    import interpkit.engine.inside as inside
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a stored sweep")
 
-    monkeypatch.setattr(PP, "run_prefix_patching", refuse)
-    again = patch_command(**kw, root=str(tmp_path / "b"), reuse_prefix=True)     # resumes from the store
+    monkeypatch.setattr(inside, "trace_suffix", refuse)
+    again = patch_command(**kw, root=str(tmp_path / "b"))     # resumes from the store
     assert again["run_dir"] == b["run_dir"] and (read(again) == read(b)).all()
 
 

@@ -40,11 +40,11 @@ def _run(root, kill_after):
 def test_killed_run_resumes_without_duplicates(tmp_path):
     assert _run(tmp_path / "a", 99) == 0                      # uninterrupted
     assert _run(tmp_path / "b", 2) == 9                       # killed after 2 chunks
-    partial = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "b")
+    partial = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "b", readonly=True)
     assert partial.done_chunks() == ["000000", "000001"]
     assert _run(tmp_path / "b", 99) == 0                      # resumed
-    full = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "a")
-    resumed = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "b")
+    full = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "a", readonly=True)
+    resumed = RunStore("demo", CFG, model="tiny:gpt2", seed=0, root=tmp_path / "b", readonly=True)
     assert resumed.done_chunks() == full.done_chunks() == [f"{i:06d}" for i in range(6)]
     np.testing.assert_array_equal(resumed.read("x"), full.read("x"))
     np.testing.assert_array_equal(resumed.read("row"), np.arange(30))

@@ -8,7 +8,11 @@ batch. At the end: ``unified.graphml`` / ``unified.cyjs`` (Cytoscape JSON) / ``u
 circuit (on an attn-trace run directory): ``unify`` (again, optionally pruned by node frequency),
 ``intervene`` (edge interventions -> ``interventions.csv``; ``--what input``: full signal removal vs a
 random equal-size subspace -> ``signal_removal.csv``), ``prune`` (-> ``circuit.graphml`` / ``.cyjs`` /
-``.png``), ``compare`` (precision / recall / F1 against a reference head list -> ``compare.json``).
+``.png``), ``compare`` (precision / recall / F1 against the task's reference circuits -> ``compare.json``,
+``compare.png``), ``sweep`` (circuit size, faithfulness and P/R/F1 vs the pruning threshold ->
+``sweep.csv``, ``sweep.png``), ``sparsity`` (components used per edge vs the rank -> ``sparsity.csv``,
+``sparsity.png``), ``control`` (control signals and their clusters -> ``control_heads.csv``,
+``control.json``, ``control.png``). See ``studies``.
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ from interpkit.errors import UserError
 ANALYSIS = "attn_trace"
 _FIELDS = ("prompt", "layer", "head", "dest", "src", "n_selected", "rank", "total", "selected_total", "bias",
            "attention")
-ACTIONS = ("unify", "intervene", "prune", "compare")
+ACTIONS = ("unify", "intervene", "prune", "compare", "sweep", "sparsity", "control")
 
 
 def _needs_local_weights(lm) -> None:
     if next(lm.hf.parameters()).is_meta:
-        raise UserError("attention tracing needs the model's Q/K/O weights on this machine (Omega is computed "
-                        "locally); NDIF-only weights are not supported yet: use a local or tiny:<family> model")
+        raise UserError("attention tracing needs W_O and the unembedding on this machine (Omega itself can be "
+                        "computed on NDIF: analyses.attention_tracing.remote_omega); use a local or "
+                        "tiny:<family> model")
 
 
 def _records_to_arrays(records: list[dict], rows: list[int], status: list[str]) -> dict:
@@ -58,8 +63,9 @@ def _graph_path(run_dir: Path, pid: int) -> Path:
 def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote: bool | str = False,
                        batch_size: int = 8, attn_factor: float = 1.0, signal_share: float = 1.0,
                        seed_share: float = 1.0, upstream_share: float = 0.7, min_trace_layer: int = 1,
-                       require_correct: bool = True, labels: str = "role", root: str = "artifacts",
-                       run_id: str | None = None, cache_dir: str | None = None, echo=print) -> dict:
+                       require_correct: bool = True, labels: str = "role", center: bool = True,
+                       root: str = "artifacts", run_id: str | None = None, cache_dir: str | None = None,
+                       echo=print) -> dict:
     """Run ``interpkit attn-trace``; returns a summary dict (run dir, counts, sparsity, files)."""
     from analyses.attention_tracing.omega import Omega, default_cache_dir
     from interpkit.models import load_model
@@ -68,15 +74,16 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
 
     cfg = TraceConfig(task=task, n_prompts=n, seed=seed, batch_size=batch_size, attn_factor=attn_factor,
                       signal_share=signal_share, seed_share=seed_share, upstream_share=upstream_share,
-                      min_trace_layer=min_trace_layer, require_correct=require_correct, labels=labels)
+                      min_trace_layer=min_trace_layer, require_correct=require_correct, labels=labels,
+                      center=center)
     cfg.validate()
     builder = get_task(task)
     lm = load_model(model, remote=remote)
     _needs_local_weights(lm)
     prompts = builder(lm.tokenizer, n=n, seed=seed)
-    store = RunStore(ANALYSIS, asdict(cfg), model=model, seed=seed, root=root, run_id=run_id)
+    store = RunStore(ANALYSIS, asdict(cfg), model=model, seed=seed, root=root, run_id=run_id, remote=remote)
     (store.dir / "graphs").mkdir(exist_ok=True)
-    omega = Omega(lm.arch, model, lm.revision, cache_dir=cache_dir or default_cache_dir())
+    omega = Omega(lm.arch, model, lm.revision, cache_dir=cache_dir or default_cache_dir(), center=center)
     echo(f"attn-trace {task} ({len(prompts)} prompts) on {model}{', remote' if remote else ''}: run {store.dir}")
 
     def skip(i):
@@ -98,6 +105,10 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
         clock[0] = now
 
     res = trace_prompts(lm, prompts, cfg, omega=omega, on_batch=on_batch, skip=skip)
+    if not res.traced:
+        why = ", ".join(f"{s}: {res.status.count(s)}" for s in sorted(set(res.status)))
+        raise UserError(f"none of the {len(res.status)} prompts qualified for tracing ({why}); pass "
+                        f"--no-require-correct, more --prompts or another model")
     store.time("trace", res.timings["trace_s"])
     summary = _trace_summary(res)
     files = _write_unified(store.dir, res.unified())
@@ -178,11 +189,16 @@ def _load_records(run_dir: Path) -> list[dict]:
 
 def circuit_command(action: str, run: str, remote: bool | str = False, min_prompts: int = 15,
                     min_effect: float = 0.2, min_frequency: float = 0.0, max_prompts_per_edge: int = 32,
-                    what: str = "edge", reference: str = "ioi-gpt2-wang2022", include_mlp: bool = False,
-                    max_rows: int = 64, seed: int = 0, cache_dir: str | None = None, echo=print) -> dict:
+                    what: str = "edge", reference: str | None = None, include_mlp: bool | None = None,
+                    max_rows: int = 64, seed: int = 0, cache_dir: str | None = None,
+                    thresholds: list[float] | None = None, attn_thresh: float = 0.4, similarity: float = 0.5,
+                    cluster_threshold: float = 0.97, default_src: int = 0, max_prompts: int = 16,
+                    echo=print) -> dict:
     """Run ``interpkit circuit <action> --run <attn-trace run dir>``; returns a summary dict.
 
     ``cache_dir``: Omega cache directory (default: the one the trace used, from its manifest).
+    ``reference``: a name in ``reference_circuits.REFERENCES`` or a file; default: the task's references.
+    ``include_mlp``: None = as the paper compares (MLPs for GT and GP references, not for IOI).
     """
     if action not in ACTIONS:
         raise UserError(f"unknown circuit action {action!r}; use one of {', '.join(ACTIONS)}")
@@ -193,7 +209,15 @@ def circuit_command(action: str, run: str, remote: bool | str = False, min_promp
         return _intervene(run_dir, manifest, remote, what, max_prompts_per_edge, max_rows, seed, cache_dir, echo)
     if action == "prune":
         return _prune(run_dir, min_prompts, min_effect, echo)
-    return _compare(run_dir, reference, include_mlp, echo)
+    if action == "sweep":
+        return _sweep(run_dir, manifest, remote, min_prompts, thresholds, reference, include_mlp, cache_dir,
+                      max_prompts, echo)
+    if action == "sparsity":
+        return _sparsity(run_dir, manifest, echo)
+    if action == "control":
+        return _control(run_dir, manifest, remote, attn_thresh, similarity, cluster_threshold, default_src,
+                        max_prompts, cache_dir, echo)
+    return _compare(run_dir, manifest, reference, include_mlp, echo)
 
 
 def _unify(run_dir: Path, min_frequency: float, echo) -> dict:
@@ -201,6 +225,9 @@ def _unify(run_dir: Path, min_frequency: float, echo) -> dict:
     U = gr.unify(list(graphs.values()), list(graphs))
     if min_frequency > 0:
         U = gr.prune_by_frequency(U, min_frequency)
+        if U.number_of_nodes() == 0:
+            raise UserError(f"no node is seen in >= {min_frequency:g} of the {len(graphs)} prompts; lower "
+                            f"--min-frequency (unified.graphml was left as it was)")
     files = _write_unified(run_dir, U)
     echo(f"unified {len(graphs)} graphs: {U.number_of_nodes()} nodes, {U.number_of_edges()} edges")
     for f in files:
@@ -217,23 +244,17 @@ def _intervene(run_dir, manifest, remote, what, max_prompts_per_edge, max_rows, 
     if what not in ("edge", "input"):
         raise UserError(f"--what {what!r}; use edge (upstream signal per edge) or input (full signal removal)")
     c = manifest["config"]
-    model = manifest["model"]["name"]
-    lm = load_model(model, remote=remote)
-    _needs_local_weights(lm)
-    prompts = get_task(c["task"])(lm.tokenizer, n=c["n_prompts"], seed=c["seed"])
-    used = manifest.get("omega_cache")
-    cache_dir = cache_dir or (str(Path(used).parent) if used and used != "None" else default_cache_dir())
-    omega = Omega(lm.arch, model, lm.revision, cache_dir=cache_dir)
+    lm, prompts, omega = _load_run_model(manifest, remote, cache_dir)
     t0 = time.perf_counter()
     if what == "input":
         df = signal_removal(lm, omega, prompts, _load_records(run_dir), share=c["signal_share"], seed=seed,
-                            max_rows=max_rows)
+                            max_rows=max_rows, decimals=c.get("signal_decimals"))
         out = run_dir / "signal_removal.csv"
     else:
         U = gr.read_graphml(run_dir / "unified.graphml") if (run_dir / "unified.graphml").exists() \
             else gr.unify(list(_load_graphs(run_dir).values()), list(_load_graphs(run_dir)))
         cfg = CircuitConfig(signal_share=c["signal_share"], max_prompts_per_edge=max_prompts_per_edge,
-                            max_rows=max_rows, seed=seed)
+                            max_rows=max_rows, seed=seed, signal_decimals=c.get("signal_decimals"))
         df = edge_interventions(lm, omega, prompts, _load_graphs(run_dir), U, cfg)
         out = run_dir / "interventions.csv"
     omega.save()
@@ -263,15 +284,166 @@ def _prune(run_dir: Path, min_prompts: int, min_effect: float, echo) -> dict:
     return {"nodes": C.number_of_nodes(), "edges": C.number_of_edges(), "heads": heads, "files": files}
 
 
-def _compare(run_dir: Path, reference: str, include_mlp: bool, echo) -> dict:
-    from analyses.attention_tracing.reference_circuits import reference_heads
+def _load_run_model(manifest: dict, remote, cache_dir):
+    """(LoadedModel, PromptSet, Omega) of an attn-trace run, with the run's centring and Omega cache."""
+    from analyses.attention_tracing.omega import Omega, default_cache_dir
+    from interpkit.models import load_model
+    from tasks import get_task
+
+    c = manifest["config"]
+    model = manifest["model"]["name"]
+    lm = load_model(model, remote=remote)
+    _needs_local_weights(lm)
+    prompts = get_task(c["task"])(lm.tokenizer, n=c["n_prompts"], seed=c["seed"])
+    used = manifest.get("omega_cache")
+    cache_dir = cache_dir or (str(Path(used).parent) if used and used != "None" else default_cache_dir())
+    # runs from before centring existed were traced uncentred (the manifest has no "center")
+    omega = Omega(lm.arch, model, lm.revision, cache_dir=cache_dir, center=c.get("center", False))
+    return lm, prompts, omega
+
+
+def _references(manifest: dict, reference: str | None) -> list[str]:
+    from analyses.attention_tracing.reference_circuits import TASK_REFERENCES
+
+    if reference:
+        return [r.strip() for r in reference.split(",") if r.strip()]
+    refs = TASK_REFERENCES.get(manifest["config"]["task"])
+    if not refs:
+        raise UserError(f"no reference circuit ships for task {manifest['config']['task']!r}; pass --reference "
+                        f"(a name or a file with one 'layer.head' per line)")
+    return refs
+
+
+def _compare(run_dir: Path, manifest: dict, reference: str | None, include_mlp: bool | None, echo) -> dict:
+    from analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
+    from analyses.attention_tracing.studies import plot_compare
 
     path = run_dir / "circuit.graphml"
     if not path.exists():
         raise UserError(f"{path} is missing; run interpkit circuit prune --run {run_dir} first")
-    ours = gr.circuit_components(gr.read_graphml(path), include_mlp=include_mlp)
-    scores = gr.compare(ours, reference_heads(reference))
-    (run_dir / "compare.json").write_text(json.dumps({"reference": reference, **scores}, indent=2))
-    echo(f"vs {reference}: precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, "
-         f"F1 {scores['f1']:.3f} ({scores['tp']} shared, {scores['fp']} extra, {scores['fn']} missed)")
-    return scores
+    C = gr.read_graphml(path)
+    all_scores = {}
+    for ref in _references(manifest, reference):
+        mlp = INCLUDE_MLP.get(ref, False) if include_mlp is None else include_mlp
+        scores = gr.compare(gr.circuit_components(C, include_mlp=mlp), reference_components(ref, mlp))
+        all_scores[ref] = {**scores, "include_mlp": mlp}
+        echo(f"vs {ref}{' (with MLPs)' if mlp else ''}: precision {scores['precision']:.3f}, recall "
+             f"{scores['recall']:.3f}, F1 {scores['f1']:.3f} ({scores['tp']} shared, {scores['fp']} extra, "
+             f"{scores['fn']} missed)")
+    first = next(iter(all_scores))
+    (run_dir / "compare.json").write_text(json.dumps({"reference": first, **all_scores[first],
+                                                      "all": all_scores}, indent=2))
+    png = run_dir / "compare.png"
+    plot_compare(all_scores, png, title=f"{manifest['config']['task']}: "
+                       f"{manifest['model']['name']} circuit vs references")
+    echo(f"  wrote {run_dir / 'compare.json'}\n  wrote {png}")
+    return {**all_scores[first], "all": all_scores, "files": [str(run_dir / "compare.json"), str(png)]}
+
+
+def _sweep(run_dir, manifest, remote, min_prompts, thresholds, reference, include_mlp, cache_dir, max_prompts,
+           echo) -> dict:
+    import pandas as pd
+
+    from analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
+    from analyses.attention_tracing.studies import plot_sweep, threshold_sweep
+    from interpkit.progress import stage
+
+    path = run_dir / "interventions.csv"
+    if not path.exists():
+        raise UserError(f"{path} is missing; run interpkit circuit intervene --run {run_dir} first")
+    thresholds = thresholds if thresholds is not None else [round(0.05 * i, 2) for i in range(21)]
+    if any(t < 0 for t in thresholds):
+        raise UserError("thresholds must be >= 0 (|mean delta logit diff| in logit units)")
+    lm, prompts, _ = _load_run_model(manifest, remote, cache_dir)
+    graphs = _load_graphs(run_dir)
+    pids = sorted(graphs)[:max_prompts]
+    sub = prompts.subset(pids)
+    ref, mlp = None, False
+    if reference or manifest["config"]["task"] in ("ioi", "gt", "gp"):
+        name = _references(manifest, reference)[0]
+        mlp = INCLUDE_MLP.get(name, False) if include_mlp is None else include_mlp
+        ref = reference_components(name, mlp)
+    U = gr.read_graphml(run_dir / "unified.graphml")
+    with stage("ablation forwards", len(thresholds) + 2) as st:
+        df = threshold_sweep(lm, sub, U, pd.read_csv(path), thresholds, min_prompts, reference=ref,
+                             include_mlp=mlp, progress=st.advance)
+    df.to_csv(run_dir / "sweep.csv", index=False)
+    png = run_dir / "sweep.png"
+    plot_sweep(df, png, title=f"{manifest['config']['task']} on {manifest['model']['name']}: "
+                     f"edges seen in >= {min_prompts} prompts; faithfulness on {len(pids)} traced prompts")
+    cols = ["threshold", "heads", "edges", "faithfulness", "ratio"] + (["precision", "recall", "f1"] if ref else [])
+    echo(f"model logit diff {df.attrs['model_logit_diff']:.3f}, all heads ablated {df.attrs['ablated_logit_diff']:.3f}")
+    echo(df[cols].round(3).to_string(index=False))
+    echo(f"  wrote {run_dir / 'sweep.csv'}\n  wrote {png}")
+    return {"rows": df[cols].to_dict("records"), "files": [str(run_dir / "sweep.csv"), str(png)],
+            "model_logit_diff": df.attrs["model_logit_diff"], "ablated_logit_diff": df.attrs["ablated_logit_diff"]}
+
+
+def _sparsity(run_dir: Path, manifest: dict, echo) -> dict:
+    from analyses.attention_tracing.studies import plot_sparsity, sparsity_table
+
+    recs = _load_records(run_dir)
+    if not recs:
+        raise UserError(f"{run_dir} has no traced edges")
+    t = sparsity_table(recs)
+    t.to_csv(run_dir / "sparsity.csv", index=False)
+    png = run_dir / "sparsity.png"
+    plot_sparsity(recs, png)
+    out = {}
+    for side, name in (("q", "query"), ("k", "key")):
+        r = [x for x in recs if x["side"] == side and x["n_selected"] > 0]
+        if r:
+            used = np.array([x["n_selected"] for x in r])
+            rank = r[0]["rank"]
+            out[side] = {"edges": len(r), "mean": float(used.mean()), "median": float(np.median(used)),
+                         "rank": rank, "at_most_quarter_rank": float((used <= rank / 4).mean())}
+            echo(f"{name} side: {len(r)} edges, components used mean {used.mean():.2f} / median "
+                 f"{np.median(used):.0f} of rank {rank}; {100 * out[side]['at_most_quarter_rank']:.1f}% use <= "
+                 f"a quarter of the rank")
+    echo(f"  wrote {run_dir / 'sparsity.csv'}\n  wrote {png}")
+    return {**out, "files": [str(run_dir / "sparsity.csv"), str(png)]}
+
+
+def _control(run_dir, manifest, remote, attn_thresh, similarity, cluster_threshold, default_src, max_prompts,
+             cache_dir, echo) -> dict:
+    from analyses.attention_tracing.studies import cluster_signals, control_heads, firing_signals, plot_control
+    from interpkit.progress import stage
+
+    if not 0 < attn_thresh <= 1 or not 0 < similarity <= 2 or not 0 < cluster_threshold <= 2:
+        raise UserError("--attn-thresh must be in (0, 1], --similarity and --cluster-threshold in (0, 2]")
+    c = manifest["config"]
+    lm, prompts, omega = _load_run_model(manifest, remote, cache_dir)
+    pids = sorted(_load_graphs(run_dir))[:max_prompts]
+    with stage("firing signals (prompts)", len(pids)) as st:
+        firings, vecs = firing_signals(lm, omega, prompts, pids, attn_thresh, c["signal_share"],
+                                       c.get("signal_decimals"), progress=st.advance)
+    omega.save()
+    if not len(firings):
+        raise UserError(f"no head attends with >= {attn_thresh}; lower --attn-thresh")
+    heads, _ = control_heads(firings, vecs, (default_src,), similarity)
+    cl = cluster_signals(firings, vecs, (default_src,), cluster_threshold)
+    heads.to_csv(run_dir / "control_heads.csv", index=False)
+    firings.to_csv(run_dir / "firings.csv", index=False)
+    ctrl = heads[heads.controlled]
+    summary = {"firings": int(len(firings)), "key_side_firings": int(len(cl["index"])),
+               "default_firings": int((firings.side.eq("k") & firings.src.eq(default_src)).sum()),
+               "heads_with_default_firings": int(len(heads)), "controlled_heads": [(int(r.layer), int(r.head))
+                                                                                  for r in ctrl.itertuples()],
+               "clusters": int(cl["labels"].max()) + 1 if len(cl["labels"]) else 0,
+               "largest_cluster": {k: cl[k] for k in ("tp", "fp", "fn", "tn", "precision", "recall")},
+               "largest_cluster_sources": cl["src_counts"][0] if cl["src_counts"] else {},
+               "ip_default_mean": float(np.mean(cl["ip_default"])) if len(cl["ip_default"]) else None,
+               "ip_other_mean": float(np.mean(cl["ip_other"])) if len(cl["ip_other"]) else None}
+    (run_dir / "control.json").write_text(json.dumps(summary, indent=2, default=float))
+    png = run_dir / "control.png"
+    plot_control(heads, cl, vecs, lm.arch.n_layers, lm.arch.n_heads, png, similarity)
+    echo(f"{summary['firings']} firings (attention >= {attn_thresh}) in {len(pids)} prompts; key side "
+         f"{summary['key_side_firings']}, on position {default_src}: {summary['default_firings']}")
+    echo(f"controlled heads (default-token signals within mean cosine distance {similarity}): "
+         f"{len(ctrl)}/{len(heads)}: {' '.join(f'{l}.{h}' for l, h in summary['controlled_heads']) or '-'}")
+    lc = summary["largest_cluster"]
+    echo(f"{summary['clusters']} clusters at distance {cluster_threshold}; largest as a detector of position-"
+         f"{default_src} firings: precision {lc['precision']:.3f}, recall {lc['recall']:.3f}; inner product with "
+         f"its prototype: default {summary['ip_default_mean']}, other {summary['ip_other_mean']}")
+    echo(f"  wrote {run_dir / 'control_heads.csv'}\n  wrote {run_dir / 'control.json'}\n  wrote {png}")
+    return {**summary, "files": [str(run_dir / "control_heads.csv"), str(run_dir / "control.json"), str(png)]}

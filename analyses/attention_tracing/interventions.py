@@ -199,10 +199,11 @@ def _control_basis(sig, gen: torch.Generator) -> torch.Tensor:
 
 
 def signal_edits(omega, dec, prompt: int, layer: int, head: int, dest: int, src: int, side: str, share: float,
-                 vector: torch.Tensor | None = None, modes=("remove", "random"), gen=None, info=None) -> list[Edit]:
+                 vector: torch.Tensor | None = None, modes=("remove", "random"), gen=None, info=None,
+                 decimals: int | None = 5) -> list[Edit]:
     """Edits of one edge side: ``vector`` (normalised upstream output at the edited position) projected
     on the signal subspace, or the whole input if ``vector`` is None ("full signal removal")."""
-    sig = edge_signal(omega, dec, layer, head, dest, src, side, share)
+    sig = edge_signal(omega, dec, layer, head, dest, src, side, share, decimals)
     if len(sig.selected) == 0:
         return []
     pos = dest if side == "q" else src
@@ -248,6 +249,7 @@ class CircuitConfig:
     """Thresholds of the intervention and pruning steps (defaults: the paper's)."""
 
     signal_share: float = 1.0          # must match the trace's
+    signal_decimals: int | None = 5    # must match the trace's
     modes: tuple = ("remove", "boost", "random")
     max_prompts_per_edge: int = 32
     min_prompts: int = 15              # keep edges seen in at least this many prompts (paper: 30 GPT-2 IOI)
@@ -282,7 +284,7 @@ def edge_interventions(lm, omega, prompts, graphs: dict, unified, cfg: CircuitCo
         if vec is None:
             continue
         edits += signal_edits(omega, decs[pid], pid, layer, head, d, s, key, cfg.signal_share, vector=vec,
-                              modes=cfg.modes, gen=gen, info=dict(up=u, down=v))
+                              modes=cfg.modes, gen=gen, info=dict(up=u, down=v), decimals=cfg.signal_decimals)
     if not edits:
         import pandas as pd
 
@@ -291,7 +293,7 @@ def edge_interventions(lm, omega, prompts, graphs: dict, unified, cfg: CircuitCo
 
 
 def signal_removal(lm, omega, prompts, records, share: float = 1.0, max_edges: int = 200, seed: int = 0,
-                   modes=("remove", "random"), max_rows: int = 64):
+                   modes=("remove", "random"), max_rows: int = 64, decimals: int | None = 5):
     """Remove each traced edge side's whole signal subspace from the head's input, and a random
     equal-size subspace of the same Omega as a control. ``records``: ``TraceResult.records``."""
     recs = [r for r in records if r["n_selected"] > 0][:max_edges]
@@ -300,5 +302,5 @@ def signal_removal(lm, omega, prompts, records, share: float = 1.0, max_edges: i
     edits = []
     for r in recs:
         edits += signal_edits(omega, decs[r["prompt"]], r["prompt"], r["layer"], r["head"], r["dest"], r["src"],
-                              r["side"], share, modes=modes, gen=gen)
+                              r["side"], share, modes=modes, gen=gen, decimals=decimals)
     return apply_edits(lm, omega, prompts, edits, max_rows, decs)

@@ -28,8 +28,18 @@ The disk cache (``<cache_dir>/<model-id>@<revision>.h5``) stores the cores (u, s
 delta) in float32; the Q/R factors are recomputed from the weights on load (unique, so they match).
 A fingerprint of the folded weights guards against a cache from other weights under the same name.
 
-For NDIF-hosted models (weights not on this machine) the folded Q/K weights could be fetched with one
-remote trace saving the attention parameters; that is future work: ``Omega`` needs local weights.
+Centring (``center=True``, the default; Franco & Crovella's weights convention): their pipeline runs on
+TransformerLens weights processed with ``fold_ln``, which for LayerNorm models also centres W_Q and W_K
+over d_model (W <- W - mean_d W, i.e. the all-ones direction projected out of their row space). The
+LayerNorm-normalised input x^ is itself centred (x^ . 1 = 0), so every score is unchanged, but Omega's
+SVD is not (singular values move by 5-10% on GPT-2) and with it which components a signal selects.
+RMSNorm families (Llama, Gemma-2, Mistral) are never centred: their normalised input is not mean-free,
+so centring would change the scores (TransformerLens does not centre them either). ``center=False``
+keeps the uncentred weights (the behaviour before centring was added).
+
+For NDIF-hosted models (weights not on this machine) ``remote_factors`` computes the QR factors and the
+delta-0 cores inside one remote session and returns only them (rank d_head per head: the selected
+components, never a d x d Omega); ``Omega(..., factors=...)`` then works like a local one.
 """
 from __future__ import annotations
 
@@ -72,6 +82,19 @@ class LayerFactors:
         return torch.linalg.solve_triangular(R, torch.cat([W, b[:, None]], dim=1), upper=True, left=False)
 
 
+def center_rows(W: torch.Tensor) -> torch.Tensor:
+    """W [H, d, dh] with the mean over d_model removed (TransformerLens' centring of reading weights)."""
+    return W - W.mean(-2, keepdim=True)
+
+
+def layer_factors(W_Q, b_Q, W_K, b_K, scale: float, softcap) -> LayerFactors:
+    """LayerFactors from folded (and possibly centred) float64 Q/K weights of one layer."""
+    QA, RA = qr_pos(W_Q)
+    QK, RK = qr_pos(W_K)
+    return LayerFactors(W_Q, b_Q, W_K, b_K, QA, RA, augmented_r(RK, b_K), QK, RK, augmented_r(RA, b_Q),
+                        scale=scale, softcap=softcap)
+
+
 def augmented_r(R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """R of the QR of [A; b] from R of A: the upper Cholesky factor of R^T R + b b^T."""
     G = R.transpose(-1, -2) @ R + b[..., :, None] * b[..., None, :]
@@ -94,15 +117,21 @@ class Omega:
     """
 
     def __init__(self, arch, model_id: str | None = None, revision: str | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, center: bool = True, factors: dict | None = None):
         self.arch = arch
+        self.center = bool(center)
+        self.centred = self.center and arch.family.norm == "layernorm"   # RMSNorm inputs are not mean-free
         self.model_id = model_id or getattr(arch.hf, "name_or_path", "") or "model"
         self.revision = revision
-        self._factors: dict[int, LayerFactors] = {}
+        self._factors: dict[int, LayerFactors] = dict(factors or {})
+        self.remote = factors is not None               # factors computed where the weights are (NDIF)
         self._cores: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rot: dict[int, torch.Tensor] = {}
         self._dirty: set[tuple[str, int]] = set()
-        self.path = None if cache_dir is None else Path(cache_dir) / f"{_slug(self.model_id)}@{revision or 'main'}.h5"
+        suffix = ("" if self.centred or arch.family.norm != "layernorm" else ".uncentred") + \
+            (".remote" if self.remote else "")
+        self.path = None if cache_dir is None else \
+            Path(cache_dir) / f"{_slug(self.model_id)}@{revision or 'main'}{suffix}.h5"
         self.fingerprint = self._fingerprint()
         if self.path is not None:
             self._load()
@@ -120,10 +149,9 @@ class Omega:
         kv = torch.tensor([a.kv_head(h) for h in range(a.n_heads)])
         W_Q, b_Q = qk.W_Q.detach().double(), qk.b_Q.detach().double()
         W_K, b_K = qk.W_K.detach().double()[kv], qk.b_K.detach().double()[kv]
-        QA, RA = qr_pos(W_Q)
-        QK, RK = qr_pos(W_K)
-        return LayerFactors(W_Q, b_Q, W_K, b_K, QA, RA, augmented_r(RK, b_K), QK, RK, augmented_r(RA, b_Q),
-                            scale=float(qk.scale), softcap=qk.softcap)
+        if self.centred:
+            W_Q, W_K = center_rows(W_Q), center_rows(W_K)
+        return layer_factors(W_Q, b_Q, W_K, b_K, float(qk.scale), qk.softcap)
 
     def delta_key(self, delta: int) -> int:
         """Cache key of a relative distance: all distances share one SVD without rotary."""
@@ -199,11 +227,16 @@ class Omega:
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         for layer in sorted({0, self.arch.n_layers - 1}):
-            with torch.no_grad():
-                qk = self.arch.qk(layer)
+            if self.remote:
+                qk = self._factors[layer]
+            else:
+                with torch.no_grad():
+                    qk = self.arch.qk(layer)
             for t in (qk.W_Q, qk.b_Q, qk.W_K, qk.b_K):
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         h.update(repr((self.arch.n_layers, self.arch.n_heads, self.arch.d_model, self.arch.rotary)).encode())
+        if self.centred:
+            h.update(b"centred")
         return h.hexdigest()[:16]
 
     def _load(self) -> None:

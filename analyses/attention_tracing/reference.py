@@ -48,7 +48,7 @@ def _normalised(dec, vec, sigma):
     return vec / sigma
 
 
-def _side_signal(omega, svd, dec, layer, head, d, s, side, share):
+def _side_signal(omega, svd, dec, layer, head, d, s, side, share, decimals=None):
     """(comps [dh], basis [d, |S|], weights per position {p: (omega_p, vector)}) by loops."""
     f = omega.factors(layer)
     n = d + 1
@@ -59,7 +59,7 @@ def _side_signal(omega, svd, dec, layer, head, d, s, side, share):
         ys = [omega.matrix(layer, head, "q", d - p) @ aug(dec.xhat[layer, p]) for p in range(n)]
         r = ys[s] - sum(ys[p] for p in range(n) if p != s) / (n - 1)
         comps = torch.stack([f.scale * (dec.xhat[layer, d] @ U[:, k]) * (U[:, k] @ r) for k in range(rank)])
-        sel = minimal_set(comps, share)
+        sel = minimal_set(comps, share, decimals)
         return comps, U[:, sel], {d: (1.0, f.scale * r)}
     ls = [omega.matrix(layer, head, "k", d - p).T @ aug(dec.xhat[layer, d]) for p in range(n)]
     comps = []
@@ -68,7 +68,7 @@ def _side_signal(omega, svd, dec, layer, head, d, s, side, share):
         rest = sum((ls[p] @ V[:, k]) * (V[:, k] @ dec.xhat[layer, p]) for p in range(n) if p != s)
         comps.append(f.scale * (own - rest / (n - 1)))
     comps = torch.stack(comps)
-    sel = minimal_set(comps, share)
+    sel = minimal_set(comps, share, decimals)
     return comps, V[:, sel], {p: (1.0 if p == s else -1.0 / (n - 1), f.scale * ls[p]) for p in range(n)}
 
 
@@ -142,7 +142,8 @@ def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prom
         down = gr.node("head", layer, head, labels[d], labels[s], d, s)
         for side in ("q", "k"):
             n_sides += 1
-            comps, B, weights = _side_signal(omega, svd, dec, layer, head, d, s, side, cfg.signal_share)
+            comps, B, weights = _side_signal(omega, svd, dec, layer, head, d, s, side, cfg.signal_share,
+                                             cfg.signal_decimals)
             if B.shape[1] == 0:
                 continue
             pos = d if side == "q" else s

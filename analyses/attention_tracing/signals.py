@@ -70,14 +70,22 @@ class SideSignal:
         return float(self.comps[self.selected].sum())
 
 
-def minimal_set(values: torch.Tensor, share: float) -> torch.Tensor:
-    """Indices of the fewest largest values whose sum reaches ``share`` of the total (empty if total <= 0)."""
+def minimal_set(values: torch.Tensor, share: float, decimals: int | None = None) -> torch.Tensor:
+    """Indices of the fewest largest values whose sum reaches ``share`` of the total (empty if total <= 0).
+
+    ``decimals``: compare the cumulative fraction rounded to that many decimals (Franco & Crovella's rule,
+    ``round(5) >= frac_contrib_thresh``: components past 1 - 5e-6 of the total are not needed); None: exact
+    up to float rounding.
+    """
     total = values.sum()
     if total <= 0 or values.numel() == 0:
         return torch.zeros(0, dtype=torch.long)
     order = torch.argsort(values, descending=True, stable=True)
     csum = torch.cumsum(values[order], 0)
-    reached = csum >= share * total - 1e-12 * values.abs().sum()
+    if decimals is None:
+        reached = csum >= share * total - 1e-12 * values.abs().sum()
+    else:
+        reached = torch.round(csum / total, decimals=decimals) >= share
     k = int(reached.nonzero()[0]) if bool(reached.any()) else len(values) - 1
     return order[: k + 1]
 
@@ -116,14 +124,16 @@ def key_components(omega, dec, layer: int, head: int, dest: int, srcs: torch.Ten
     return comps, bias, v, lam
 
 
-def edge_signal(omega, dec, layer: int, head: int, dest: int, src: int, side: str, share: float) -> SideSignal:
-    """The signal of edge (layer, head, dest <- src) on ``side`` ("q" or "k"); needs dest >= 1."""
+def edge_signal(omega, dec, layer: int, head: int, dest: int, src: int, side: str, share: float,
+                decimals: int | None = None) -> SideSignal:
+    """The signal of edge (layer, head, dest <- src) on ``side`` ("q" or "k"); needs dest >= 1.
+    ``decimals``: see ``minimal_set`` (the trace uses the paper's 5)."""
     f = omega.factors(layer)
     srcs = torch.tensor([src])
     if side == "q":
         comps, bias, u, beta = query_components(omega, dec, layer, head, dest, srcs)
         comps, u, beta = comps[0], u[0], beta[0]
-        sel = minimal_set(comps, share)
+        sel = minimal_set(comps, share, decimals)
         frame, small = f.QA[head], u
         basis = frame @ u[:, sel]
         positions = torch.tensor([dest])
@@ -131,7 +141,7 @@ def edge_signal(omega, dec, layer: int, head: int, dest: int, src: int, side: st
     else:
         comps, bias, v, lam = key_components(omega, dec, layer, head, dest, srcs)
         comps, v, lam = comps[0], v[0], lam[0]
-        sel = minimal_set(comps, share)
+        sel = minimal_set(comps, share, decimals)
         frame, small = f.QK[head], v
         basis = frame @ v[:, sel]
         n = dest + 1

@@ -34,6 +34,9 @@ from analyses.attention_tracing.signals import edge_signal, minimal_set
 from interpkit.errors import UserError
 
 
+LABELS = ("role", "tokens", "position")
+
+
 @dataclass
 class TraceConfig:
     """Every threshold of the tracing algorithm (defaults: the paper's)."""
@@ -51,7 +54,10 @@ class TraceConfig:
     min_trace_layer: int = 1          # heads below this layer are leaves (the paper stops at layer 0)
     require_correct: bool = True      # skip prompts whose top prediction is not an answer
     max_edges: int = 5000             # safety cap on traced edges per prompt
-    labels: str = "role"              # "role": task roles, else token text; "position": pos<i>
+    labels: str = "role"              # "role": task roles, else token text; "tokens": token text only
+                                      # (the paper's -tt; repeats numbered #2, #3); "position": pos<i>
+    center: bool = True               # centre W_Q/W_K over d_model for LayerNorm models (the paper's weights)
+    signal_decimals: int | None = 5   # the paper's rounding of the cumulative share (None: exact)
 
     def validate(self) -> None:
         shares = dict(signal_share=self.signal_share, seed_share=self.seed_share,
@@ -61,8 +67,8 @@ class TraceConfig:
                 raise UserError(f"{name}={v} must be in (0, 1]")
         if self.attn_factor < 0 or self.batch_size < 1 or self.n_prompts < 1:
             raise UserError("attn_factor must be >= 0, batch_size and n_prompts >= 1")
-        if self.labels not in ("role", "position"):
-            raise UserError(f"labels={self.labels!r}; use role or position")
+        if self.labels not in LABELS:
+            raise UserError(f"labels={self.labels!r}; use {', '.join(LABELS)}")
 
 
 @dataclass
@@ -90,12 +96,13 @@ class TraceResult:
 
 # -- labels -----------------------------------------------------------------------------------------
 def position_labels(prompts, row: int, offset: int, tokens: list[str], mode: str = "role") -> list[str]:
-    """A label per position (without padding): the task role there, else the token text (#k if repeated)."""
+    """A label per position (without padding): the task role there, else the token text (#k if repeated);
+    ``mode="tokens"``: the token text everywhere; ``"position"``: pos<i>."""
     n = len(tokens)
     if mode == "position":
         return [f"pos{p}" for p in range(n)]
     labels: list[str | None] = [None] * n
-    for role, pos in prompts.roles.items():
+    for role, pos in (prompts.roles.items() if mode == "role" else ()):
         p = int(pos[row]) - offset
         if 0 <= p < n and labels[p] is None:
             labels[p] = role
@@ -211,7 +218,7 @@ def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: Tr
         layer, head, d, s = frontier.pop()
         down = gr.node("head", layer, head, labels[d], labels[s], d, s)
         for side in ("q", "k"):
-            sig = edge_signal(omega, dec, layer, head, d, s, side, cfg.signal_share)
+            sig = edge_signal(omega, dec, layer, head, d, s, side, cfg.signal_share, cfg.signal_decimals)
             records.append(dict(prompt=prompt, layer=layer, head=head, dest=d, src=s, side=side,
                                 n_selected=len(sig.selected), rank=len(sig.comps), total=sig.total,
                                 selected_total=sig.selected_total, bias=sig.bias,
@@ -266,7 +273,10 @@ def trace_prompts(lm, prompts, cfg: TraceConfig, omega=None, on_batch=None, skip
 
     cfg.validate()
     t0 = time.perf_counter()
-    omega = omega or Omega(lm.arch, lm.name, lm.revision, cache_dir=default_cache_dir())
+    omega = omega or Omega(lm.arch, lm.name, lm.revision, cache_dir=default_cache_dir(), center=cfg.center)
+    if omega.center != cfg.center:
+        raise UserError(f"the Omega passed is {'' if omega.center else 'un'}centred but the config asks for "
+                        f"center={cfg.center}")
     weights = load_weights(lm.arch)
     result = TraceResult(config=cfg, graphs=[], status=[], records=[])
     for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
