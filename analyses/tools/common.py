@@ -1,0 +1,95 @@
+"""Shared outside-trace helpers of the everyday tools: model geometry as plain values, inputs from prompts,
+token labels, the dtype option and the progress bar."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from analyses.tools.reads import Geometry
+from interpkit.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``--dtype`` text -> torch dtype (None: the model's own)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _final_norm(hf):
+    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
+    return getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None) or base.norm
+
+
+def _eps(module) -> float:
+    for name in ("eps", "variance_epsilon"):
+        if getattr(module, name, None) is not None:
+            return float(getattr(module, name))
+    return 1e-6
+
+
+def geometry(lm) -> Geometry:
+    """The plain-value ``Geometry`` of a loaded model (works for weightless remote models too)."""
+    a, hf = lm.arch, lm.hf
+    fam = a.family
+    attn = a.attn_module(0)
+    o = attn.c_proj if fam.name == "gpt2" else (attn.dense if hasattr(attn, "dense") else attn.o_proj)
+    block = a.block(0)
+    post = getattr(block, "post_attention_layernorm", None) if fam.name == "gemma2" else None
+    out_emb = hf.get_output_embeddings()
+    return Geometry(family=fam.name, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                    d_head=a.d_head, d_model=a.d_model, norm=fam.norm, norm_offset=fam.norm_offset,
+                    eps=_eps(_final_norm(hf)),
+                    softcap=float(getattr(hf.config, "final_logit_softcapping", None) or 0.0),
+                    post_norms=post is not None, post_eps=_eps(post) if post is not None else 0.0,
+                    conv1d=fam.name == "gpt2", o_bias=getattr(o, "bias", None) is not None,
+                    unembed_bias=getattr(out_emb, "bias", None) is not None)
+
+
+def encode(lm, prompts) -> dict:
+    """Model inputs (left-padded) from a PromptSet, a list of strings, or a dict of tensors."""
+    if isinstance(prompts, dict):
+        return prompts
+    if hasattr(prompts, "batch"):
+        return prompts.batch()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise UserError("no prompts given; pass at least one prompt")
+    tok = lm.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    enc = tok(list(prompts), return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def token_labels(lm, ids: torch.Tensor) -> list[str]:
+    """Printable labels for one row of token ids."""
+    return [lm.tokenizer.decode([int(t)]).replace("\n", "\\n") for t in ids.tolist()]
+
+
+def check_layers(lm, layers: list[int] | None) -> list[int]:
+    """All layers, or the given ones validated (negative indices count from the end)."""
+    if layers is None:
+        return list(range(lm.arch.n_layers))
+    return [lm.arch.check_layer(int(l)) for l in layers]
+
+
+@contextmanager
+def progress(description: str, total: int, enabled: bool = True):
+    """A rich progress bar (a no-op advance when disabled or for a single step)."""
+    if not enabled or total <= 1:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,135 @@
+"""Your own data (issue 16): JSONL/CSV loading with line-numbered errors and drop counts, multi-token answers
+scored by summed teacher-forced log-probability, and a JSONL of multi-token answers through patching and
+causal tracing (on the shipped synthetic-facts model, which really recalls its facts)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from analyses.tools.scoring import answer_logprobs
+from interpkit.errors import UserError
+from tasks import get_task
+from tasks.custom import read_dataset
+from tests.conftest import tiny
+
+FACTS_MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
+
+
+def write(path: Path, rows) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+ROWS = [{"prompt": "When Mary and John went to the store, John gave a drink to", "answer": "Mary Poppins",
+         "wrong_answer": "John", "corrupted_prompt": "When Mary and John went to the store, Mary gave a drink to"},
+        {"prompt": "Then, Alice and Kate had a long argument. Afterwards Kate said to", "answer": "Alice",
+         "wrong": "Kate", "corrupted": "Then, Alice and Kate had a long argument. Afterwards Alice said to"},
+        {"prompt": "The Eiffel Tower is in", "answer": " Paris", "wrong_answer": "Rome",
+         "corrupted_prompt": "The Colosseum of the city is in"}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (['{"prompt": "a", "answer": "b"}', '{"prompt": "a" "answer": "b"}'], r"line 2: not valid JSON"),
+    (['{"prompt": "a", "answer": "b"}', '', '{"prompt": "a"}'], r"line 3: missing field 'answer'"),
+    (['{"prompt": "a", "answer": 3}'], r"line 1: field 'answer' must be a string"),
+    (['["a", "b"]'], r"line 1: expected a JSON object"),
+    (['{"prompt": "a", "answer": "b", "wrong": "c", "wrong_answer": "d"}'], r"line 1: field 'wrong_answer' given twice"),
+    ([''], r"has no rows"),
+])
+def test_malformed_jsonl_rows_name_their_line(tmp_path, bad, message):
+    path = write(tmp_path / "d.jsonl", bad)
+    with pytest.raises(UserError, match=message):
+        read_dataset(path, tiny("gpt2").tokenizer)
+
+
+def test_csv_errors_and_formats(tmp_path):
+    tok = tiny("gpt2").tokenizer
+    (tmp_path / "d.csv").write_text('prompt,answer\n"The cat sat on the",mat\nonly one field\n')
+    with pytest.raises(UserError, match=r"line 3: missing field 'answer'"):
+        read_dataset(str(tmp_path / "d.csv"), tok)
+    (tmp_path / "e.csv").write_text('prompt,answer\nThe cat, sat,mat,extra\n')
+    with pytest.raises(UserError, match=r"line 2: more values than header"):
+        read_dataset(str(tmp_path / "e.csv"), tok)
+    with pytest.raises(UserError, match="use a .jsonl or .csv"):
+        read_dataset(str(tmp_path / "d.txt"), tok)
+    with pytest.raises(UserError, match="cannot read dataset"):
+        read_dataset(str(tmp_path / "missing.jsonl"), tok)
+    # the same rows as CSV and as JSONL give the same PromptSet
+    (tmp_path / "f.csv").write_text('prompt,answer,wrong_answer\n"When Mary and John went to the store, John gave a '
+                                    'drink to",Mary,John\n')
+    j = write(tmp_path / "f.jsonl", [{"prompt": ROWS[0]["prompt"], "answer": "Mary", "wrong_answer": "John"}])
+    a, _ = read_dataset(str(tmp_path / "f.csv"), tok)
+    b, _ = read_dataset(j, tok)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.answer_ids, b.answer_ids)
+
+
+def test_rows_kept_dropped_and_multi_token_answers(tmp_path):
+    lm = tiny("gpt2")
+    ps, rep = read_dataset(write(tmp_path / "d.jsonl", ROWS), lm.tokenizer)
+    assert (rep.rows, rep.kept) == (3, 2)
+    assert rep.dropped == {"corrupted prompt has another token length": 1}
+    assert rep.multi_token_answers == 1 and "kept 2 of 3 rows" in rep.line()
+    assert ps.corrupted_ids.shape == ps.input_ids.shape and ps.meta["line"] == [1, 2]
+    mary = lm.tokenizer(" Mary Poppins", add_special_tokens=False)["input_ids"]
+    assert ps.meta["answer_seq"][0] == mary and len(mary) > 1 and ps.answer_ids[0, 0] == mary[0]
+    assert ps.wrong_ids[1, 0] == lm.tokenizer(" Kate", add_special_tokens=False)["input_ids"][0]
+    assert torch.equal(ps.roles["end"], torch.full((2,), ps.input_ids.shape[1] - 1))
+    # get_task takes a dataset path as a task (how patch / causal-trace / every analysis read --dataset)
+    assert torch.equal(get_task(str(tmp_path / "d.jsonl"))(lm.tokenizer, n=None).input_ids, ps.input_ids)
+    with pytest.raises(UserError, match="no corrupted_prompt field"):
+        read_dataset(write(tmp_path / "p.jsonl", [{"prompt": "a b", "answer": "c"}]), lm.tokenizer, need_pairs=True)
+    subj = write(tmp_path / "s.jsonl", [{"prompt": "The Eiffel Tower is in", "answer": "Paris", "subject": "Louvre"}])
+    with pytest.raises(UserError, match="1 subject not in the prompt"):
+        read_dataset(subj, lm.tokenizer)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_teacher_forced_logprob_equals_a_per_row_reference(tmp_path, family):
+    lm = tiny(family)
+    ps, _ = read_dataset(write(tmp_path / "d.jsonl", ROWS), lm.tokenizer)
+    got = answer_logprobs(lm, ps)
+    for i in range(len(ps)):                     # each row alone, unpadded, plain HF forward
+        keep = ps.attention_mask[i].bool()
+        seq = ps.meta["answer_seq"][i]
+        ids = torch.cat([ps.input_ids[i][keep], torch.tensor(seq)])[None]
+        with torch.no_grad():
+            logp = lm.hf(ids).logits[0].float().log_softmax(-1)
+        T = int(keep.sum())
+        ref = sum(float(logp[T - 1 + j, t]) for j, t in enumerate(seq))
+        assert abs(float(got[i]) - ref) < 1e-4, (family, i)
+    wrong = answer_logprobs(lm, ps, which="wrong")
+    assert wrong.shape == (2,) and torch.isfinite(wrong).all()
+
+
+def synthetic_jsonl(path: Path, n: int = 4) -> str:
+    """Facts of the shipped synthetic-facts model with two-token answers (attribute + one more word) and a
+    corrupted prompt about another subject of the same token length."""
+    from tasks.synthetic_facts import make_facts
+
+    facts = [f for f in make_facts() if f.relation == "city"]
+    rows = []
+    for f in facts:
+        other = next(g for g in facts if len(g.subject) == len(f.subject) and g.attribute != f.attribute)
+        rows.append({"prompt": "<bos> " + f.prompt, "answer": f.attribute + " tesk", "wrong_answer": other.attribute,
+                     "subject": " ".join(f.subject), "corrupted_prompt": "<bos> " + other.prompt})
+        if len(rows) == n:
+            break
+    return write(path, rows)
+
+
+@pytest.mark.skipif(not (FACTS_MODEL / "config.json").exists(), reason="synthetic-facts model not shipped")
+def test_multi_token_dataset_through_patching_and_causal_tracing(tmp_path):
+    from analyses.causal_tracing import causal_trace_command
+    from analyses.patching_cli import patch_command
+
+    data = synthetic_jsonl(tmp_path / "facts.jsonl")
+    quiet = lambda *a, **k: None  # noqa: E731
+    summary = patch_command(data, str(FACTS_MODEL), site="resid", n=4, root=str(tmp_path), echo=quiet)
+    assert summary["pairs"] == 4 and summary["metric_source"] > summary["metric_base"]
+    res = causal_trace_command(str(FACTS_MODEL), facts=4, kind="hidden", task=data, samples=2, window=1,
+                               root=str(tmp_path), echo=quiet)
+    assert len(res.facts) == 4
+    assert (Path(tmp_path) / "causal_tracing").is_dir()
