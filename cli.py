@@ -9,6 +9,8 @@ import sys
 
 import typer
 
+from interpkit.load_options import with_load_options  # --dtype / --device on every command that loads a model
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mechanistic interpretability on nnsight: the same analyses locally or on NDIF.")
 
@@ -24,9 +26,16 @@ def doctor() -> None:
 
 @app.command()
 def models() -> None:
-    """List the built-in tiny models and known-good hub ids per family."""
+    """List the built-in real and tiny models and known-good hub ids per family."""
     from interpkit.families import FAMILIES
+    from interpkit.gguf import BUILTIN, builtin_path
     from interpkit.remote.status import last_seen, seen_path
+
+    typer.echo("built-in real models (offline, from a PyPI wheel):")
+    for m in BUILTIN.values():
+        where = builtin_path(m.name)
+        typer.echo(f"  {m.name:<14} {m.source}; licence {m.licence}; "
+                   + (f"installed ({where})" if where else f"not installed: {m.install_hint}"))
 
     typer.echo(f"{'family':<9} {'tiny model':<14} hub ids (weights need network; remote=True runs them on NDIF)")
     for fam in FAMILIES.values():
@@ -41,6 +50,7 @@ def models() -> None:
 
 
 @app.command()
+@with_load_options
 def demo(retrain: bool = typer.Option(False, help="Train the S3 model from its recipe instead of loading it."),
          out: str = typer.Option("artifacts/demo", help="Where figures and summary.json go."),
          real: bool = typer.Option(True, "--real/--no-real", help="Also the real-model part (smollm2-135m)."),
@@ -141,6 +151,7 @@ def data(out: str = typer.Option("artifacts/data/s3", help="Output directory (tr
 
 
 @app.command()
+@with_load_options
 def serve(model: str = typer.Option("tiny:gpt2", help="The model the loopback server runs requests on."),
           api_key: str = typer.Option("loopback-key", help="The key clients must send (a test key, not yours)."),
           seconds: float = typer.Option(0, help="Stop after this many seconds (0: until Ctrl-C).")) -> None:
@@ -169,7 +180,9 @@ def serve(model: str = typer.Option("tiny:gpt2", help="The model the loopback se
 
 
 @app.command("attn-trace")
-def attn_trace(task: str = typer.Option(..., help="ioi | gt | gp"),
+@with_load_options
+def attn_trace(task: str = typer.Option(None, help="ioi | gt | gp (or --dataset)"),
+               dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file (instead of --task)."),
                model: str = typer.Option(..., help="Hub id, local dir or tiny:<family>."),
                prompts: int = typer.Option(16, help="Number of prompts to trace."),
                seed: int = typer.Option(0), remote: bool = typer.Option(False, help="Run the activation trace on NDIF."),
@@ -183,20 +196,23 @@ def attn_trace(task: str = typer.Option(..., help="ioi | gt | gp"),
                                                        "tokens, the paper's -tt) | position."),
                center: bool = typer.Option(True, help="Centre W_Q/W_K over d_model (LayerNorm models; the paper's "
                                                       "TransformerLens weights). --no-center: uncentred."),
-               run_id: str = typer.Option(None, help="Run directory name (default: derived from the config).")) -> None:
+               run_id: str = typer.Option(None, help="Run directory name (default: derived from the config)."),
+               out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Attention-causal tracing: Omega-SVD signals of every traced edge into per-prompt circuit graphs."""
     from analyses.attention_tracing.commands import attn_trace_command
     from interpkit import validate as V
 
     V.attn_trace_options(model, prompts, seed, batch_size, attn_factor, {"--signal-share": signal_share,
                          "--seed-share": seed_share, "--upstream-share": upstream_share}, run_id)
-    attn_trace_command(task, model, n=prompts, seed=seed, remote=remote, batch_size=batch_size,
+    attn_trace_command(_task_or_dataset(task, dataset), model, n=prompts, seed=seed, remote=remote,
+                       batch_size=batch_size,
                        attn_factor=attn_factor, signal_share=signal_share, seed_share=seed_share,
                        upstream_share=upstream_share, require_correct=require_correct, labels=labels,
-                       center=center, run_id=run_id, echo=typer.echo)
+                       center=center, run_id=run_id, root=out, echo=typer.echo)
 
 
 @app.command()
+@with_load_options
 def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | compare | sweep | sparsity | control"),
             run: str = typer.Option(..., help="An attn-trace run directory."),
             remote: bool = typer.Option(False), what: str = typer.Option("edge", help="edge | input"),
@@ -237,6 +253,7 @@ def _float_list(text: str) -> list[float]:
 
 
 @app.command("causal-trace")
+@with_load_options
 def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or tiny:<family>."),
                  facts: int = typer.Option(100, help="Trace the first N facts the model knows."),
                  kind: str = typer.Option(None, help="hidden | mlp | attn | all (default all)."),
@@ -252,7 +269,10 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                  seed: int = typer.Option(None), max_rows: int = typer.Option(None, help="Rows per forward."),
                  engine: str = typer.Option(None, help="prefix (default: skips work a restoration cannot "
                                                        "change) or batched (full forwards)."),
-                 run_id: str = typer.Option(None), root: str = typer.Option("artifacts"),
+                 facts_per_chunk: int = typer.Option(None, help="Facts per stored chunk / remote request (default 8)."),
+                 run_id: str = typer.Option(None),
+                 root: str = typer.Option("artifacts", "--root", "--out", help="Where runs go."),
+                 dataset: str = typer.Option(None, help="Your facts: a .jsonl or .csv file (prompt, answer, subject)."),
                  replace: bool = typer.Option(None, "--replace/--no-replace", help="Replace the subject's embeddings "
                                               "instead of adding noise (alone: by another subject's)."),
                  fact_file: str = typer.Option(None, help="Facts in the known_1000.json format (default: known_1000).")) -> None:
@@ -264,9 +284,18 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
     V.causal_trace_options(model, facts, noise, config, samples, window, seed, max_rows, run_id, root)
     with remote_scope(remote):                     # the run store records the run as remote (and where)
         causal_trace_command(model, facts=facts, kind=kind, severed=severed, noise=noise, config=config,
-                             remote=remote, task=task, samples=samples, window=window, seed=seed,
+                             remote=remote, task=dataset or task, samples=samples, window=window, seed=seed,
                              max_rows=max_rows, engine=engine, root=root, run_id=run_id, echo=typer.echo,
-                             replace=replace, fact_file=fact_file)
+                             replace=replace, fact_file=fact_file, facts_per_chunk=facts_per_chunk)
+
+
+def _task_or_dataset(task: str | None, dataset: str | None) -> str:
+    """--task or --dataset (a .jsonl/.csv file: tasks.get_task loads it with tasks/custom.py), exactly one."""
+    from interpkit.errors import UserError
+
+    if bool(task) == bool(dataset):
+        raise UserError("pass exactly one of --task or --dataset")
+    return dataset or task
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -282,7 +311,9 @@ def _int_list(text: str | None) -> list[int] | None:
 
 
 @app.command()
-def patch(task: str = typer.Option(..., help="ioi | gt | gp | permutations"),
+@with_load_options
+def patch(task: str = typer.Option(None, help="ioi | gt | gp | permutations (or --dataset)"),
+          dataset: str = typer.Option(None, help="Your prompt pairs: .jsonl/.csv (prompt, corrupted_prompt, answer, ...)."),
           model: str = typer.Option(..., help="Hub id, local dir or tiny:<family>."),
           site: str = typer.Option("resid", help="resid (= resid_pre) | resid_post | attn | mlp | head | unembed_in"),
           method: str = typer.Option("exact", help="exact | attribution | both"),
@@ -300,36 +331,44 @@ def patch(task: str = typer.Option(..., help="ioi | gt | gp | permutations"),
           normalize: str = typer.Option("pair", help="pair: each pair by its own base-source gap; mean: the "
                                                      "batch-mean metric (TransformerLens's convention)."),
           min_gap: float = typer.Option(0.1, help="Exclude pairs whose |source - base| is below this x the median."),
-          run_id: str = typer.Option(None)) -> None:
+          run_id: str = typer.Option(None),
+          out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Activation patching (exact) and attribution patching by layer x position or layer x head."""
     from interpkit import validate as V
 
     V.model_name(model)                            # before the heavy imports: a typo fails in a blink
     from analyses.patching_cli import patch_command
 
-    patch_command(task, model, site=site, method=method, direction=direction, by=by, remote=remote, n=n, seed=seed,
+    patch_command(_task_or_dataset(task, dataset), model, site=site, method=method, direction=direction, by=by,
+                  remote=remote, n=n,
+                  seed=seed, root=out,
                   layers=_int_list(layers), region=region, window=window, mode=mode, metric=metric,
                   max_rows=max_rows, engine=engine, run_id=run_id, normalize=normalize,
                   min_gap=min_gap, echo=typer.echo)
 
 
 @app.command()
+@with_load_options
 def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family>."),
-          task: str = typer.Option(..., help="A task name (ioi, gt, gp, days, months, facts, permutations)."),
+          task: str = typer.Option(None, help="A task name (ioi, gt, gp, days, months, facts, permutations)."),
+          dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file (instead of --task)."),
           targets: str = typer.Option(..., help="Comma-separated meta fields to decode, e.g. a,b,c."),
           positions: str = typer.Option("last", help="all | last | a role name (e.g. start)."),
           n: int = typer.Option(200, help="Prompts."), seed: int = typer.Option(0),
-          remote: bool = typer.Option(False, help="Collect activations on NDIF (one request).")) -> None:
+          remote: bool = typer.Option(False, help="Collect activations on NDIF (one request)."),
+          out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Linear probes on the residual stream at every layer, split by prompt."""
     from analyses.probing import probe_command
     from interpkit import validate as V
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
     V.probe_options(model, n, names, positions, seed)
-    probe_command(model, task, names, positions=positions, n=n, seed=seed, remote=remote)
+    probe_command(model, _task_or_dataset(task, dataset), names, positions=positions, n=n, seed=seed, remote=remote,
+                  root=out)
 
 
 @app.command()
+@with_load_options
 def circle(task: str = typer.Option(..., help="days | months"),
            model: str = typer.Option(..., help="Hub id, local dir or tiny:<family>."),
            k: int = typer.Option(5, help="PCA components of the circle probe."),
@@ -345,7 +384,8 @@ def circle(task: str = typer.Option(..., help="days | months"),
            sweep_layer: int = typer.Option(None, help="Intervene inside the circle at this layer (radius x angle)."),
            sweep_between: str = typer.Option("0,1", help="The sweep's two values, e.g. 0,1 (Monday to Tuesday)."),
            rgb_layers: str = typer.Option(None, help="Residual RGB plots / feature deconstruction at these layers."),
-           rgb_role: str = typer.Option("end", help="Token of the RGB plots (a role: start, duration, end).")) -> None:
+           rgb_role: str = typer.Option("end", help="Token of the RGB plots (a role: start, duration, end)."),
+           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Circular features (Engels et al. 2024): circle probe R^2 per layer, circle interventions, the
     middle-of-circle sweep and residual RGB deconstruction."""
     from analyses.circles import CircleConfig, circle_command
@@ -360,19 +400,22 @@ def circle(task: str = typer.Option(..., help="days | months"),
                        probe_on=tuple(t.strip() for t in probe_on.split(",") if t.strip()))
     circle_command(task, model, remote=remote, cfg=cfg, random_baseline=random_baseline, seed=seed,
                    sweep=None if sweep_layer is None else (sweep_layer, *between),
-                   rgb_layers=_int_list(rgb_layers), rgb_role=rgb_role)
+                   rgb_layers=_int_list(rgb_layers), rgb_role=rgb_role, root=out)
 
 
 @app.command()
+@with_load_options
 def vprobe(model: str = typer.Option(..., help="A local model (the probe trains through it)."),
-           task: str = typer.Option(..., help="A task name."), target: str = typer.Option(..., help="Meta field."),
-           n: int = typer.Option(None, help="Prompts (default: the whole task)."), seed: int = typer.Option(0)) -> None:
+           task: str = typer.Option(None, help="A task name."), target: str = typer.Option(..., help="Meta field."),
+           dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file (instead of --task)."),
+           n: int = typer.Option(None, help="Prompts (default: the whole task)."), seed: int = typer.Option(0),
+           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """V-probe (Allen-Zhu & Li): frozen model, rank-r embedding update + linear head, vs random weights."""
     from analyses.vprobe import vprobe_command
     from interpkit import validate as V
 
     V.vprobe_options(model, n, seed)
-    vprobe_command(model, task, target, n=n, seed=seed)
+    vprobe_command(model, _task_or_dataset(task, dataset), target, n=n, seed=seed, root=out)
 
 
 # -- everyday tools (issue 16): cache, logit-lens, dla, attention, steer; bodies in analyses/tools/command.py --
@@ -450,7 +493,7 @@ def attention_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
                   detect: bool = typer.Option(False, help="Previous-token / duplicate / induction head detectors."),
                   n_tokens: int = typer.Option(20, help="Detector: length of the repeated random sequence."),
                   threshold: float = typer.Option(0.4, help="Detector: flag heads scoring above this."),
-                  remote: bool = typer.Option(False, help="Run on NDIF (one request per part)."),
+                  remote: bool = typer.Option(False, help="Run on NDIF (all parts in one request)."),
                   dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
                   out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
                   run_id: str = typer.Option(None)) -> None:
@@ -488,18 +531,21 @@ def steer_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
 
 
 @app.command()
+@with_load_options
 def reducibility(model: str = typer.Option(None, help="Also a layer's activations of this model (local)."),
                  task: str = typer.Option("days", help="days | months (with --model)."),
                  layer: int = typer.Option(None, help="Layer (0 = embeddings; default every layer)."),
                  role: str = typer.Option("start", help="Token whose residual is analysed (start, duration, end)."),
                  n: int = typer.Option(1000, help="Points per synthetic cloud."),
                  eps: float = typer.Option(0.1, help="epsilon of the mixture index."),
-                 seed: int = typer.Option(0)) -> None:
+                 seed: int = typer.Option(0),
+                 out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Engels et al.'s reducibility demo: epsilon-mixture and separability indices on synthetic clouds
     and on the top PCA pairs of a layer's residual."""
     from analyses.irreducibility import reducibility_command
 
-    reducibility_command(model, task=task, layer=layer, role=role, n=n, eps=eps, seed=seed, echo=typer.echo)
+    reducibility_command(model, task=task, layer=layer, role=role, n=n, eps=eps, seed=seed, root=out,
+                         echo=typer.echo)
 
 
 from analyses.physics.cli import app as _physics_app  # noqa: E402  (issue 18)

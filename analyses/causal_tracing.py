@@ -36,6 +36,7 @@ import torch
 
 from analyses.causal_noise import MODEL_RULES, build_noise_model, corrupt
 from interpkit.errors import UserError
+from interpkit.progress import stage
 from interpkit.sites import site
 
 BASE_KINDS = ("hidden", "mlp", "attn")
@@ -493,11 +494,12 @@ def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
 
 
 def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | None = None,
-                       on_chunk=None, skip_chunk=None, noise=None) -> TraceResult:
+                       on_chunk=None, skip_chunk=None, noise=None, log=None) -> TraceResult:
     """Trace every fact of ``prompts`` (a PromptSet with subject roles), ``cfg.facts_per_chunk`` at a time.
 
     ``on_chunk(i, traces, seconds)`` is called after each chunk; ``skip_chunk(i)`` returning a list of
-    FactTrace (e.g. read back from a RunStore) skips computing that chunk.
+    FactTrace (e.g. read back from a RunStore) skips computing that chunk. ``log`` (a print function)
+    turns on progress (a bar on a terminal) and the count of reused chunks.
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -507,17 +509,24 @@ def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | No
     answers = prompts.answer_ids[:, 0].tolist() if cfg.answer == "given" else None
     out = []
     n = cfg.facts_per_chunk
-    for c, start in enumerate(range(0, len(facts), n)):
-        done = skip_chunk(c) if skip_chunk is not None else None
-        if done is not None:
-            out += done
-            continue
-        t1 = time.perf_counter()
-        chunk = trace_facts(lm, facts[start:start + n], cfg, level,
-                            None if answers is None else answers[start:start + n])
-        if on_chunk is not None:
-            on_chunk(c, chunk, time.perf_counter() - t1)
-        out += chunk
+    starts = list(range(0, len(facts), n))
+    stored = {c: skip_chunk(c) for c in range(len(starts))} if skip_chunk is not None else {}
+    stored = {c: v for c, v in stored.items() if v is not None}
+    if stored and log is not None:
+        log(f"reusing {len(stored)} stored chunk(s) of {len(starts)} ({sum(len(v) for v in stored.values())} facts)")
+    with stage("causal tracing", len(facts) - sum(len(v) for v in stored.values()), "facts",
+               enabled=log is not None) as bar:
+        for c, start in enumerate(starts):
+            if c in stored:
+                out += stored[c]
+                continue
+            t1 = time.perf_counter()
+            chunk = trace_facts(lm, facts[start:start + n], cfg, level,
+                                None if answers is None else answers[start:start + n])
+            if on_chunk is not None:
+                on_chunk(c, chunk, time.perf_counter() - t1)
+            bar.advance(len(chunk))
+            out += chunk
     return TraceResult(config=cfg, noise_level=float(level), kinds=cfg.all_kinds(), facts=out,
                        timings={"noise_level_s": t_level, "trace_s": time.perf_counter() - t0 - t_level})
 
@@ -616,7 +625,7 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
                          seed: int | None = None, max_rows: int | None = None, engine: str | None = None,
                          root: str = "artifacts",
                          run_id: str | None = None, echo=print, replace: bool | None = None,
-                         fact_file: str | None = None) -> TraceResult:
+                         fact_file: str | None = None, facts_per_chunk: int | None = None) -> TraceResult:
     """``interpkit causal-trace``: trace the first ``facts`` facts the model knows, store chunks, plot.
 
     The subject-embedding std and the clean top-1 of every prompt come from one batched pass over the
@@ -628,7 +637,8 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
 
     noise = "subject" if replace and noise is None else noise      # --replace alone: another subject's embeddings
     cfg = load_config(config, kinds=_kinds_option(kind), severed=severed, noise=noise, samples=samples,
-                      window=window, seed=seed, max_rows=max_rows, engine=engine, replace=replace)
+                      window=window, seed=seed, max_rows=max_rows, engine=engine, replace=replace,
+                      facts_per_chunk=facts_per_chunk)
     if facts is not None and facts < 1:
         raise UserError("--facts must be >= 1")
     lm = load_model(model, remote=remote)
@@ -642,7 +652,7 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
 
         ident["fact_file"] = hashlib.sha256(open(fact_file, "rb").read()).hexdigest()[:16]
     store = RunStore("causal_tracing", ident, model=model, revision=lm.revision, seed=cfg.seed, root=root,
-                     run_id=run_id)
+                     run_id=run_id, remote=remote or None)
     if "known_rows" in store.manifest:
         std, rows = store.manifest["subject_std"], store.manifest["known_rows"]
     else:
@@ -674,7 +684,8 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
     from analyses.causal_noise import MODEL_RULES, build_noise_model
 
     noise_model = build_noise_model(lm, prompts, cfg) if (cfg.replace or parse_noise(cfg.noise)[0] in MODEL_RULES) else None
-    result = run_causal_tracing(lm, chosen, cfg, subject_std=std, on_chunk=save, skip_chunk=skip, noise=noise_model)
+    result = run_causal_tracing(lm, chosen, cfg, subject_std=std, on_chunk=save, skip_chunk=skip, noise=noise_model,
+                                log=echo)
     from analyses.causal_tracing_plots import plot_fact
 
     figures = [str(p) for p in result.plot(store.dir)]

@@ -529,6 +529,7 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
     if prompts is None:
         from tasks import get_task
         prompts = get_task(task)(lm.tokenizer)
+    _check_studies(lm, prompts, cfg, sweep, rgb_layers, rgb_role)          # fail before the long part
     store = RunStore("circle", {"task": task, "circle": asdict(cfg), "random_baseline": random_baseline},
                      model=model, seed=seed, root=root, remote=remote)
     res = run_circles(lm, prompts, cfg)
@@ -561,6 +562,25 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
         print(line)
     print(f"results: {store.dir}")
     return res
+
+
+def _check_studies(lm, prompts, cfg: CircleConfig, sweep, rgb_layers, rgb_role) -> None:
+    """One-line errors for the sweep / RGB options before any forward runs."""
+    L = lm.arch.n_layers
+    if sweep is not None:
+        layer, frm, to = sweep
+        p = cfg.period or PERIODS.get(prompts.task)
+        if not 0 <= layer < L:
+            raise UserError(f"--sweep-layer {layer} is out of range; the sweep uses layers 0..{L - 1}")
+        if p is not None and not (0 <= frm < p and 0 <= to < p and frm != to):
+            raise UserError(f"--sweep-between {frm},{to}: two different values in 0..{p - 1}")
+        if tuple(cfg.probe_on) != ("cos", "sin") or cfg.role not in ("start", "duration"):
+            raise UserError("the sweep needs --probe-on cos,sin and --role start or duration")
+    if rgb_layers:
+        if rgb_role not in prompts.roles:
+            raise UserError(f"task {prompts.task!r} has no role {rgb_role!r} ({', '.join(sorted(prompts.roles))})")
+        if any(not 0 <= l <= L for l in rgb_layers):
+            raise UserError(f"--rgb-layers: layers 0..{L} (0 = embeddings)")
 
 
 def _studies(lm, prompts, res: CircleResult, out, sweep, rgb_layers, rgb_role, rgb_steps, figures) -> dict:

@@ -90,7 +90,7 @@ def facts(n_facts: int, samples: int, out: Path, log) -> dict:
                       "last_subject_peak_aie": round(float(last_subject.max()), 4),
                       "last_token_peak_layer": int(last_token.argmax()),
                       "last_token_peak_aie": round(float(last_token.max()), 4)}
-    return {"facts": [f.prompt for f in result.facts], "ate": round(summary["ate"], 4), "peaks": peak,
+    return {"facts": ["".join(f.tokens).replace("Ġ", " ") for f in result.facts], "ate": round(summary["ate"], 4), "peaks": peak,
             "figures": summary.get("figures", []), "seconds": round(time.perf_counter() - t, 1)}
 
 
@@ -106,9 +106,9 @@ def run_real_demo(out: str | Path, *, quick: bool = False, log=print) -> dict | 
     t0 = time.perf_counter()
     log(f"{MODEL}: {lm.arch.n_layers} layers, d={lm.arch.d_model}, {lm.arch.n_heads} heads "
         f"({lm.arch.n_kv_heads} KV heads)")
-    summary = {"model": MODEL, "ioi": ioi_residual(lm, 16 if quick else 32, out, log),
-               "heads": ioi_heads(lm, 8 if quick else 16, 3, out, log),
-               "causal_tracing": facts(2 if quick else 4, 5 if quick else 10, out, log)}
+    summary = {"model": MODEL, "ioi": ioi_residual(lm, 8 if quick else 12, out, log),
+               "heads": ioi_heads(lm, 4 if quick else 6, 3, out, log),
+               "causal_tracing": facts(1 if quick else 2, 2 if quick else 3, out, log)}
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["out"] = str(out)

@@ -193,7 +193,12 @@ def layer_table(acts, eps: float = 0.1, n_pcs: int = 5) -> tuple[list[dict], tor
     cluster reconstructions; returns (rows, PCA coordinates)."""
     Z, ratio = pc_pairs(acts, n_pcs)
     rows = []
+    scale = float(torch.as_tensor(acts, dtype=torch.float64).abs().max()) or 1.0
     for i in range(Z.shape[1] - 1):
+        if float(Z[:, i:i + 2].std(0).min()) <= 1e-6 * scale:     # a constant direction: no cloud to judge
+            rows.append(dict(pair=f"PC{i + 1}-PC{i + 2}", mixture=float("nan"), separability=float("nan"),
+                             irreducible=False, variance=float(ratio[i] + ratio[i + 1])))
+            continue
         ind = irreducibility(Z[:, i:i + 2], eps)
         rows.append(dict(pair=f"PC{i + 1}-PC{i + 2}", mixture=ind.mixture, separability=ind.separability,
                          irreducible=ind.irreducible(), variance=float(ratio[i] + ratio[i + 1])))

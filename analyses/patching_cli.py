@@ -170,6 +170,8 @@ def _save_result(store, name: str, res: PatchResult, labels: list[str]) -> None:
                            ("layers", torch.tensor(res.layers)), ("cells", torch.tensor(res.cells))):
             g.create_dataset(key, data=value.numpy())
         g.create_dataset("labels", data=[s.encode() for s in labels])
+        if res.skipped is not None:                    # cells provably equal to the base run (not computed)
+            g.create_dataset("skipped", data=res.skipped.numpy())
         g.attrs["by"] = res.config.by
         g.attrs["normalize"], g.attrs["min_gap"] = res.normalize, res.min_gap
         g.create_dataset("excluded_pairs", data=res.excluded.numpy())

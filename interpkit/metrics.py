@@ -49,8 +49,3 @@ def normalize(value: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> 
     """0 at the unpatched base run, 1 at the source run; NaN where the two runs do not differ."""
     denom = source - base
     return torch.where(denom.abs() > 1e-8, (value - base) / denom, torch.full_like(value, float("nan")))
-
-
-def answer_prob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of the first answer token, per row (ROME's causal-tracing score)."""
-    return logits.float().softmax(-1).gather(-1, answer_ids[:, :1].clamp_min(0))[:, 0]

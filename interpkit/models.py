@@ -125,7 +125,16 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
     from interpkit.validate import model_name
 
     model_name(name)                               # a missing folder is one line, not a hub lookup
+    from interpkit.load_options import apply as apply_load_options, current as load_defaults
+
+    dtype, device = load_defaults(dtype, device)   # the command's --dtype / --device when not given here
     hf_logging.disable_progress_bar()              # no per-load "Loading weights" bars in CLI output
+    import warnings
+
+    # the suffix engines hand a prefix cache over as past_key_values, which NDIF's transformers still
+    # expects; local transformers 5.24 warns on every forward
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+    hf_logging.get_logger("transformers.utils.generic").setLevel("ERROR")
     if name.startswith("tiny:"):
         hf, tok = build_tiny(name.split(":", 1)[1])
         family = family_for(hf.config.model_type)
@@ -141,6 +150,7 @@ def load_model(name: str, *, remote: bool = False, dtype: torch.dtype | None = N
         family = family_for(hf.config.model_type)
         model = TransformersModel(hf, tokenizer=tok, rename=family.rename)
         model.repo_id = name
+    apply_load_options(hf, dtype, device)          # tiny and converted models too; not weightless remote ones
     arch = Arch.from_hf(hf, family)
     from interpkit.remote.config import check_versions, ensure_shipped
 

@@ -50,8 +50,3 @@ def _config_heads(model) -> int:
 def attention_pattern(model, layer: int) -> torch.Tensor:
     """Post-softmax attention [batch, head, dest, src] (models are loaded with eager attention)."""
     return model.layers[layer].attn.output[1]
-
-
-def site_order(name: str) -> int:
-    """Position of a site within a layer's forward pass, to sort accesses into forward order."""
-    return {"resid_pre": 0, "head_out": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}[name]

@@ -123,11 +123,12 @@ class RunLock:
         self.key = str(directory.resolve())
         self.stale_pid: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self) -> bool:
+        """Take the lock (True), or find it already held by this process (False); UserError if another has it."""
         import fcntl
 
         if self.key in _HELD:
-            return
+            return False
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,6 +147,7 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)
         _HELD[self.key] = fd
+        return True
 
     def release(self) -> None:
         fd = _HELD.pop(self.key, None)
@@ -208,13 +210,14 @@ class RunStore:
             self.manifest = self._open_manifest(model, revision, seed)
             return
         self._make_dir()
-        self._lock.acquire()
+        taken = self._lock.acquire()
         try:
             self._remove_partial()
             self._verify_h5()
             self.manifest = self._open_manifest(model, revision, seed)
         except BaseException:
-            self._lock.release()
+            if taken:                                   # not a lock another store of this process holds
+                self._lock.release()
             raise
 
     def _make_dir(self) -> None:

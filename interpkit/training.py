@@ -382,7 +382,10 @@ def untied(model):
     as an ordinary HF model saves and loads; ``model`` itself when its blocks are distinct."""
     import copy
 
-    blocks = decoder_layers(model)
+    try:
+        blocks = decoder_layers(model)
+    except UserError:                              # another architecture: never looped by us
+        return model
     if len(blocks) < 2 or blocks[1] is not blocks[0]:
         return model
     out = copy.deepcopy(model)

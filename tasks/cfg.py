@@ -63,14 +63,14 @@ class Grammar:
         return self.terminals if k == self.depth else self.levels[k]
 
     def describe(self) -> str:
+        """The rules, one NT per line ("N1.0 -> N2.1 N2.0 | ..."; terminals printed as 1..T)."""
         lines = []
         for k, level in enumerate(self.rules):
-            child = "t" if k + 1 == self.depth else f"N{k + 1}."
+            last = k + 1 == self.depth
             for a, rhs in enumerate(level):
-                alts = " | ".join(" ".join(f"{child}{s + 1}" if child == "t" else f"{child}{s}" for s in r)
-                                  for r in rhs)
+                alts = " | ".join(" ".join(str(s + 1) if last else f"N{k + 1}.{s}" for s in r) for r in rhs)
                 lines.append(f"N{k}.{a} -> {alts}")
-        return "\n".join(lines).replace("t1", "1").replace("t2", "2").replace("t3", "3")
+        return "\n".join(lines)
 
 
 def random_grammar(cfg: CFGConfig | None = None) -> Grammar:

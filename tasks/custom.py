@@ -154,7 +154,8 @@ def read_dataset(path: str, tokenizer, n: int | None = None, seed: int = 0, need
             keep.append((no, r))
     texts, spans, answers, wrongs, corrupted = [], [], [], [], []
     meta = {"line": [], "answer": [], "answer_seq": [], "wrong_seq": [], "subject": [], "subject_chars": []}
-    kept_rows = []
+    extra = sorted({k for _, r in keep for k in r} - set(FIELDS) - set(meta))      # e.g. a label to probe
+    meta.update({k: [] for k in extra})
     for no, r in keep:
         text = r["prompt"]
         a_seq = text_tokens(tokenizer, _answer_text(text, r["answer"]), prefix=text)
@@ -182,7 +183,8 @@ def read_dataset(path: str, tokenizer, n: int | None = None, seed: int = 0, need
         meta["subject"].append(r.get("subject"))
         meta["subject_chars"].append((text.find(r["subject"]), text.find(r["subject"]) + len(r["subject"]))
                                      if "subject" in r else None)
-        kept_rows.append(r)
+        for k in extra:
+            meta[k].append(r.get(k))
     if not texts:
         why = ", ".join(f"{n} {k}" for k, n in report.dropped.most_common())
         raise UserError(f"dataset {path}: no usable rows for this tokenizer ({why}); check the fields")
@@ -213,6 +215,7 @@ def read_dataset(path: str, tokenizer, n: int | None = None, seed: int = 0, need
 def builder(path: str):
     """A task builder ``(tokenizer, n=..., seed=...) -> PromptSet`` for ``tasks.get_task``."""
     def build(tokenizer, n: int | None = None, seed: int = 0, **kw) -> PromptSet:
+        kw.setdefault("echo", print)               # every command that loads a file says what it kept
         return load_dataset(path, tokenizer, n=n, seed=seed, **kw)
 
     return build

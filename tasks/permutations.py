@@ -19,7 +19,6 @@ traces, including remote ones.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -453,10 +452,6 @@ def story_prompt_set(tokenizer, n_stories: int = 100, length: int = 16, n: int =
         meta={"states": st.states.tolist(), "actions": st.actions.tolist(),
               "parity": st.parities[:, -1].tolist()},
     )
-
-
-def n_permutations(n: int) -> int:
-    return math.factorial(n)
 
 
 def parity_pairs(tokenizer, n_stories: int = 64, length: int = 16, n: int = 3, *, seed: int = 0,

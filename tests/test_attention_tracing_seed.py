@@ -211,13 +211,14 @@ def test_omega_through_a_remote_session_equals_local():
         assert (a32 - a64).abs().max() < 1e-5 * a64.abs().max()
         for layer in range(lm.arch.n_layers):
             a, b = local.factors(layer), remote.factors(layer)
-            for name in ("W_Q", "W_K", "b_Q", "b_K", "RA", "RKa", "RQa"):
-                assert (getattr(a, name) - getattr(b, name)).abs().max() < 1e-9, (family, name)
+            for name in ("W_Q", "W_K", "b_Q", "b_K", "RA", "RKa", "RQa"):     # local folding runs in float32
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x - y).abs().max() < 1e-6 * (1 + x.abs().max()), (family, name)
             assert a.scale == b.scale
         for side in ("q", "k"):
             for delta in (0, 3):
                 sa, sb = local.core(side, delta)[1], remote.core(side, delta)[1]
-                assert (sa - sb).abs().max() < 1e-9
+                assert (sa - sb).abs().max() < 1e-6 * sa.max()
         from tasks import get_task
 
         prompts = get_task("ioi")(lm.tokenizer, n=1, seed=0)

@@ -117,6 +117,9 @@ def test_circle_command_with_sweep_and_rgb(tmp_path, capsys):
 
     lm, prompts = demo()
     cfg = CircleConfig(layers=[0], targets_per_problem=1, methods=("circle",))
+    for bad in (dict(sweep=(0, 3, 3)), dict(sweep=(5, 0, 1)), dict(rgb_layers=[9]), dict(rgb_layers=[1], rgb_role="x")):
+        with pytest.raises(UserError):                                         # before any forward
+            circle_command("days", str(DEMO), cfg=cfg, lm=lm, prompts=prompts, root=str(tmp_path / "bad"), **bad)
     circle_command("days", str(DEMO), cfg=cfg, lm=lm, prompts=prompts, root=str(tmp_path), random_baseline=False,
                    sweep=(0, 0, 1), rgb_layers=[2])
     out = capsys.readouterr().out

@@ -177,14 +177,14 @@ def test_skipped_layers_pass_the_residual_through():
 
 @pytest.mark.skipif(not (DEMO / "model.safetensors").exists(), reason="shipped demo model not present")
 def test_eval_cli_skip_layers_random_baseline_and_lengthwise(tmp_path, monkeypatch, capsys):
-    base = ["eval", "--model", str(DEMO), "--stories", "200"]
-    code, out, err = _cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "a"), "--lengthwise", "2:8:3",
-                          "--probe-stories", "80")
+    base = ["eval", "--model", str(DEMO), "--stories", "120"]
+    code, out, err = _cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "a"), "--lengthwise", "2:8:6",
+                          "--probe-stories", "60")
     assert code == 0, err
     full = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert full["min_state_acc_in_train_len"] >= 0.98
     lw = full["lengthwise"]
-    assert lw["lengths"] == [2, 5, 8] and (tmp_path / "a" / "lengthwise_probe.png").exists()
+    assert lw["lengths"] == [2, 8] and (tmp_path / "a" / "lengthwise_probe.png").exists()
     assert lw["state_test_acc"][-1][0] >= 0.9                      # last layer, length 2
     assert lw["state_test_acc"][0][-1] < 0.5                       # embeddings cannot know the state at length 8
     assert "first layer with state accuracy" in out
@@ -200,3 +200,20 @@ def test_eval_cli_skip_layers_random_baseline_and_lengthwise(tmp_path, monkeypat
     assert code == 2 and "out of range" in err
     code, out, err = _cli(monkeypatch, capsys, *base, "--lengthwise", "8:2")
     assert code == 2 and "lengthwise" in err
+
+
+def test_looped_training_exports_an_ordinary_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from interpkit.training import decoder_layers
+
+    res = train(tiny(tmp_path, arch="neox", rotary_pct=1.0, tie_layers=True, n_layers=3, steps=2, bos=True), resume=False)
+    live = decoder_layers(res.model)
+    assert live[1] is live[0] and live[2] is live[0]                # one shared block while training
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    blocks = decoder_layers(loaded)
+    assert blocks[1] is not blocks[0] and [b.attention.layer_idx for b in blocks] == [0, 1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(blocks[0].parameters(), blocks[2].parameters()))
+    ids = res.tokenizer(["123 213 321 132 231"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-6)

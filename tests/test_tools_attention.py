@@ -132,5 +132,7 @@ def test_s3_demo_final_position_attention(tmp_path):
     by_layer = prof.by_layer()
     assert by_layer.shape == (lm.arch.n_layers, ps.input_ids.shape[1])
     assert torch.allclose(by_layer.sum(-1), torch.ones(lm.arch.n_layers), atol=1e-5)
-    out = attention_command(str(path), task="permutations", n=16, dest="end", out=str(tmp_path), echo=lambda *a: None)
-    assert len(out["summary"]["from end"]) == lm.arch.n_layers and Path(out["figures"][-1]).exists()
+    out = attention_command(str(path), task="permutations", n=16, dest="end", layers=[0, lm.arch.n_layers - 1],
+                            out=str(tmp_path), echo=lambda *a: None)
+    assert [r["layer"] for r in out["summary"]["from end"]] == [0, lm.arch.n_layers - 1]
+    assert Path(out["figures"][-1]).exists()

@@ -23,7 +23,7 @@ def write(path: Path, rows) -> str:
     return str(path)
 
 
-ROWS = [{"prompt": "When Mary and John went to the store, John gave a drink to", "answer": "Mary Poppins",
+ROWS = [{"prompt": "When Mary and John went to the store, John gave a drink to", "answer": "Mary Poppins", "label": "ioi",
          "wrong_answer": "John", "corrupted_prompt": "When Mary and John went to the store, Mary gave a drink to"},
         {"prompt": "Then, Alice and Kate had a long argument. Afterwards Kate said to", "answer": "Alice",
          "wrong": "Kate", "corrupted": "Then, Alice and Kate had a long argument. Afterwards Alice said to"},
@@ -73,6 +73,7 @@ def test_rows_kept_dropped_and_multi_token_answers(tmp_path):
     assert rep.dropped == {"corrupted prompt has another token length": 1}
     assert rep.multi_token_answers == 1 and "kept 2 of 3 rows" in rep.line()
     assert ps.corrupted_ids.shape == ps.input_ids.shape and ps.meta["line"] == [1, 2]
+    assert ps.meta["label"] == ["ioi", None]                                  # other fields are kept
     mary = lm.tokenizer(" Mary Poppins", add_special_tokens=False)["input_ids"]
     assert ps.meta["answer_seq"][0] == mary and len(mary) > 1 and ps.answer_ids[0, 0] == mary[0]
     assert ps.wrong_ids[1, 0] == lm.tokenizer(" Kate", add_special_tokens=False)["input_ids"][0]
@@ -125,11 +126,33 @@ def test_multi_token_dataset_through_patching_and_causal_tracing(tmp_path):
     from analyses.causal_tracing import causal_trace_command
     from analyses.patching_cli import patch_command
 
+    from typer.testing import CliRunner
+
+    from cli import app
+
     data = synthetic_jsonl(tmp_path / "facts.jsonl")
     quiet = lambda *a, **k: None  # noqa: E731
     summary = patch_command(data, str(FACTS_MODEL), site="resid", n=4, root=str(tmp_path), echo=quiet)
     assert summary["pairs"] == 4 and summary["metric_source"] > summary["metric_base"]
+    # the same through the CLI: --dataset, --dtype, --out
+    out = CliRunner().invoke(app, ["patch", "--dataset", data, "--model", str(FACTS_MODEL), "--site", "mlp", "--n", "4",
+                                   "--dtype", "float32", "--out", str(tmp_path / "cli")])
+    assert out.exit_code == 0, out.output
+    assert list((tmp_path / "cli" / "patching").iterdir())
     res = causal_trace_command(str(FACTS_MODEL), facts=4, kind="hidden", task=data, samples=2, window=1,
                                root=str(tmp_path), echo=quiet)
     assert len(res.facts) == 4
     assert (Path(tmp_path) / "causal_tracing").is_dir()
+
+
+def test_load_options_apply_to_every_model():
+    from interpkit.load_options import load_options
+    from interpkit.models import load_model
+
+    with load_options("bfloat16", "cpu"):
+        lm = load_model("tiny:neox")
+    assert next(lm.hf.parameters()).dtype == torch.bfloat16
+    assert next(load_model("tiny:neox").hf.parameters()).dtype == torch.float32     # only inside the block
+    with pytest.raises(UserError, match="unknown --dtype"):
+        with load_options("fp8"):
+            pass

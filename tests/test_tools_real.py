@@ -37,7 +37,8 @@ def test_real_logit_lens_and_dla_on_ioi(real_lm):
     lens = logit_lens(real_lm, ps, k=3, keep_logits=True)
     assert torch.equal(lens.logits[-1], lens.model_logits)
     assert (lens.answer_rank[-1] == 0).float().mean() >= 0.5          # the model mostly predicts IO
-    assert lens.logit_diff[-1].mean() > lens.logit_diff[0].mean() + 1.0   # built up over the layers
+    mid = lens.answer_rank[real_lm.arch.n_layers // 2].float().median()
+    assert mid > 100 and lens.answer_rank[-1].float().median() == 0          # the answer emerges late
     res = dla(real_lm, ps)
     assert res.max_error() <= 1e-4
     assert torch.allclose(res.logit_diff, lens.logit_diff[-1], atol=1e-4)   # same target, two computations

@@ -70,6 +70,22 @@ def test_attention_remote_equal_local():
     assert n == 1 and torch.equal(local.per_prompt, remote.per_prompt)
     local, remote, n = both(lm, lambda m: detect_heads(m, n_tokens=6, batch=2))
     assert n == 1 and torch.equal(local.scores, remote.scores)
+    # the whole attention command (patterns, two role pairs, a profile, detectors) is one request
+    import analyses.tools.command as C
+
+    def command(m, tmp):
+        load, C.load = C.load, lambda *a, **k: m
+        try:
+            return C.attention_command("tiny:gpt2", task="ioi", n=3, roles="end:IO,S2:S1", dest="end", detect=True,
+                                       n_tokens=5, layers=[0, 2], out=tmp, echo=lambda *a: None)
+        finally:
+            C.load = load
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local, remote, n = both(lm, lambda m: command(m, tmp))
+    assert n == 1 and local["summary"] == remote["summary"] and len(remote["figures"]) == 2 + 2 + 1 + 3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "gemma2", "mistral"])

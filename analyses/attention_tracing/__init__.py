@@ -9,8 +9,13 @@ language models", NeurIPS), on nnsight.
 Modules: ``omega`` (Omega per head, factored SVD, HDF5 cache), ``signals`` (singular-component
 contributions to relative scores, minimal sets), ``decompose`` (the one activation trace; upstream
 components), ``trace`` (work queue), ``graphs`` (build / unify / prune / export / compare / plot),
-``interventions`` (edits of one head's query or key input), ``reference_circuits`` (published circuits),
-``reference`` (a loop implementation, for benchmarks and checks), ``commands`` (CLI bodies).
+``interventions`` (edits of one head's query or key input), ``reference_circuits`` (published circuits:
+IOI, Greater-Than, Gender-Pronoun on GPT-2), ``studies`` (sparse attention decomposition, control signals,
+threshold sweep, P/R/F1 bars), ``faithfulness`` (head mean-ablation), ``remote_omega`` (Omega's SVD in
+an NDIF session), ``reference`` (a loop implementation, for benchmarks and checks), ``commands`` (CLI).
+
+Weights follow the paper's convention: W_Q/W_K centred over d_model for LayerNorm models
+(``Omega(center=True)``, ``TraceConfig.center``; ``--no-center`` keeps them uncentred).
 
 Names are imported lazily: code running inside remote traces imports the submodules it needs, and this
 package's ``__init__`` pulls in nothing that NDIF's import whitelist would refuse.
@@ -28,6 +33,11 @@ _API = {
     "CircuitConfig": "interventions", "Edit": "interventions", "apply_edits": "interventions",
     "edge_interventions": "interventions", "signal_removal": "interventions",
     "reference_heads": "reference_circuits", "IOI_GPT2_WANG2022": "reference_circuits",
+    "reference_components": "reference_circuits", "GT_GPT2_HANNA2023": "reference_circuits",
+    "GP_GPT2_MATHWIN2023": "reference_circuits",
+    "sparsity_table": "studies", "plot_sparsity": "studies", "firing_signals": "studies",
+    "control_heads": "studies", "cluster_signals": "studies", "threshold_sweep": "studies",
+    "plot_compare": "studies", "omega_from_remote": "remote_omega",
     "attn_trace_command": "commands", "circuit_command": "commands",
 }
 

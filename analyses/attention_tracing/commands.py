@@ -284,6 +284,10 @@ def _prune(run_dir: Path, min_prompts: int, min_effect: float, echo) -> dict:
     return {"nodes": C.number_of_nodes(), "edges": C.number_of_edges(), "heads": heads, "files": files}
 
 
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _load_run_model(manifest: dict, remote, cache_dir):
     """(LoadedModel, PromptSet, Omega) of an attn-trace run, with the run's centring and Omega cache."""
     from analyses.attention_tracing.omega import Omega, default_cache_dir
@@ -443,7 +447,8 @@ def _control(run_dir, manifest, remote, attn_thresh, similarity, cluster_thresho
          f"{len(ctrl)}/{len(heads)}: {' '.join(f'{l}.{h}' for l, h in summary['controlled_heads']) or '-'}")
     lc = summary["largest_cluster"]
     echo(f"{summary['clusters']} clusters at distance {cluster_threshold}; largest as a detector of position-"
-         f"{default_src} firings: precision {lc['precision']:.3f}, recall {lc['recall']:.3f}; inner product with "
-         f"its prototype: default {summary['ip_default_mean']}, other {summary['ip_other_mean']}")
+         f"{default_src} firings: precision {lc['precision']:.3f}, recall {lc['recall']:.3f}; mean inner product "
+         f"with its prototype: default-token firings {_fmt(summary['ip_default_mean'])}, other "
+         f"{_fmt(summary['ip_other_mean'])}")
     echo(f"  wrote {run_dir / 'control_heads.csv'}\n  wrote {run_dir / 'control.json'}\n  wrote {png}")
     return {**summary, "files": [str(run_dir / "control_heads.csv"), str(run_dir / "control.json"), str(png)]}

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from interpkit.plots import finish
 
@@ -253,7 +252,7 @@ def plot_control(heads, clusters: dict, vectors: np.ndarray, n_layers: int, n_he
 
 
 # -- threshold sweep and comparison ---------------------------------------------------------------
-def head_ablation_logit_diffs(lm, prompts, keep_sets: list[set], max_rows: int = 256, progress=None) -> np.ndarray:
+def head_ablation_logit_diffs(lm, prompts, keep_sets: list[set], progress=None) -> np.ndarray:
     """Mean logit difference over ``prompts`` with every head outside each keep set mean-ablated
     (its output replaced by its mean over prompts and positions), [len(keep_sets)]."""
     from analyses.attention_tracing.faithfulness import ablated_logit_diff, head_means

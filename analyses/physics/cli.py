@@ -21,8 +21,10 @@ def train(recipe: str = typer.Option(..., help="cfg-demo | igsm-deep | igsm-wide
 def probe(model: str = typer.Option(..., help="A model folder trained by `interpkit physics train`."),
           what: str = typer.Option(..., help="cfg (DP states) | igsm (V-probes) | mistakes (part 2.2)"),
           n: int = typer.Option(300, help="Strings / problems / pairs."),
-          random_baseline: bool = typer.Option(True, help="Also probe a random-weight copy.")) -> None:
+          random_baseline: bool = typer.Option(True, help="Also probe a random-weight copy."),
+          targets: str = typer.Option(None, help="igsm: comma-separated V-probe targets (default all).")) -> None:
     """Probe a trained model, with the same probe on random weights as the baseline."""
     from analyses.physics.command import physics_probe_command
 
-    physics_probe_command(model, what, n=n, random_baseline=random_baseline, echo=typer.echo)
+    physics_probe_command(model, what, n=n, random_baseline=random_baseline, echo=typer.echo,
+                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None)

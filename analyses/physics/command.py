@@ -29,7 +29,7 @@ def _recipe(model: str) -> dict:
 
 
 def physics_probe_command(model: str, what: str, *, n: int = 300, random_baseline: bool = True,
-                          root: str = "artifacts", echo=print) -> dict:
+                          targets: list[str] | None = None, root: str = "artifacts", echo=print) -> dict:
     """Probe a trained model: ``cfg`` (DP states), ``igsm`` (V-probes) or ``mistakes`` (part 2.2)."""
     from analyses.physics.train import make_task
     from interpkit.models import load_model
@@ -38,13 +38,16 @@ def physics_probe_command(model: str, what: str, *, n: int = 300, random_baselin
     if what not in PROBES:
         raise UserError(f"unknown probe {what!r}; use one of {', '.join(PROBES)}")
     rec = _recipe(model)
-    task_name, options = rec["config"]["task"], rec["config"]["task_options"]
+    task_name, options = rec["config"].get("task"), rec["config"].get("task_options", {})
+    if task_name not in ("cfg", "igsm"):
+        raise UserError(f"{model} was not trained by `interpkit physics train` (its recipe has no cfg/igsm task)")
     if (what == "cfg") != (task_name == "cfg"):
         raise UserError(f"{model} was trained on {task_name}; the {what!r} probe needs a "
                         f"{'cfg' if what == 'cfg' else 'igsm'} model")
     task = make_task(task_name, options)
     lm = load_model(model)
-    store = RunStore("physics", {"what": what, "n": n, "random_baseline": random_baseline}, model=model, root=root)
+    store = RunStore("physics", {"what": what, "n": n, "random_baseline": random_baseline, "targets": targets},
+                     model=model, root=root)
     if what == "cfg":
         from analyses.physics.cfg_probe import plot_cfg_probes, probe_cfg
 
@@ -60,7 +63,12 @@ def physics_probe_command(model: str, what: str, *, n: int = 300, random_baselin
     elif what == "igsm":
         from analyses.physics.igsm_probe import igsm_vprobes, plot_vprobes, rows_dicts, vprobe_table
 
-        rows = igsm_vprobes(lm, task.info["config"], n=n, random_baseline=random_baseline)
+        from analyses.physics.igsm_probe import TARGETS
+
+        bad = [t for t in targets or [] if t not in TARGETS]
+        if bad:
+            raise UserError(f"unknown V-probe target(s) {bad}; use {', '.join(TARGETS)}")
+        rows = igsm_vprobes(lm, task.info["config"], targets or TARGETS, n=n, random_baseline=random_baseline)
         plot_vprobes({Path(model).name: rows}, store.dir / "vprobes.png", title=f"{Path(model).name}: V-probes")
         summary = {"vprobes": rows_dicts(rows), "figure": "vprobes.png"}
         echo(vprobe_table(rows))

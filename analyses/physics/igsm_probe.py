@@ -101,25 +101,41 @@ class VProbeRow:
     train_acc: float = float("nan")
 
 
+def _plain_models(lm, random_baseline: bool):
+    """Unwrapped copies (trained, random init) of a local model: V-probes train through the model many
+    times, and the nnsight wrappers on every module call cost more than these tiny forwards."""
+    import transformers as T
+
+    hf = T.AutoModelForCausalLM.from_config(lm.hf.config, attn_implementation="sdpa")
+    hf.load_state_dict(lm.hf.state_dict())
+    rnd = None
+    if random_baseline:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            rnd = T.AutoModelForCausalLM.from_config(lm.hf.config, attn_implementation="sdpa")
+    return hf.eval(), (rnd.eval() if rnd is not None else None)
+
+
 def igsm_vprobes(lm, icfg, targets=TARGETS, *, n: int = 200, seed: int = 555, random_baseline: bool = True,
                  vcfg: VProbeConfig | None = None, progress: bool = True) -> list[VProbeRow]:
     from rich.progress import track
 
     from tasks.igsm import sample_problems
 
-    vcfg = vcfg or VProbeConfig(steps=80, batch_size=32, seed=0)      # cut down for CPU time
+    vcfg = vcfg or VProbeConfig(steps=60, batch_size=32, seed=0)      # cut down for CPU time
     problems = sample_problems(icfg, n, seed)
-    rnd = random_like(lm, 0) if random_baseline else None
+    hf, rnd_hf = _plain_models(lm, random_baseline)
     out = []
     for t in (track(list(targets), description="V-probes") if progress else targets):
         seqs, labels = probe_items(problems, t, seed)
         inputs = left_pad(lm.tokenizer, seqs)
         classes, y = torch.unique(torch.tensor(labels), return_inverse=True)
         train, test = prompt_split(len(y), vcfg.test_frac, vcfg.seed)
-        fit = fit_vprobe(lm.hf, inputs, y, train, test, vcfg, len(classes))
-        base = fit_vprobe(rnd.hf, inputs, y, train, test, vcfg, len(classes)).test_acc if rnd is not None else None
+        fit = fit_vprobe(hf, inputs, y, train, test, vcfg, len(classes))
+        base = fit_vprobe(rnd_hf, inputs, y, train, test, vcfg, len(classes)).test_acc if rnd_hf is not None else None
         chance = float((y[test] == torch.mode(y[train]).values).float().mean())
         out.append(VProbeRow(t, fit.test_acc, base, chance, len(y), fit.train_acc))
+        print(f"  {t}: trained {fit.test_acc:.3f}, random {base}, chance {chance:.3f}", flush=True)
     return out
 
 

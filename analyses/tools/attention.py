@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import check_layers, encode
+from analyses.tools.common import check_layers, encode, run_traces
 from analyses.tools.reads import read_pattern
 from interpkit.errors import UserError
 
@@ -66,19 +66,20 @@ class RoleAttention:
                 for v, i in zip(flat.values.tolist(), flat.indices.tolist())]
 
 
-def role_attention(lm, prompts, dest: str, src: str, layers: list[int] | None = None) -> RoleAttention:
-    """Attention from ``dest`` to ``src`` (role names of the PromptSet, e.g. end -> IO, S2 -> S1)."""
-    from interpkit.remote import ensure_shipped
-
+def role_attention_call(lm, prompts, dest: str, src: str, layers: list[int] | None = None):
+    """(trace call, finish) of ``role_attention``, for running several calls as one request."""
     layers = check_layers(lm, layers)
     inputs = encode(lm, prompts)
     B, T = inputs["input_ids"].shape
     d, s = _positions(prompts, dest, B, T), _positions(prompts, src, B, T)
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        out = trace_role_attention(lm.model, inputs, layers, d, s, remote=lm.remote)
-    return RoleAttention(dest=dest, src=src, layers=layers, per_prompt=torch.stack(list(out), 1))
+    return ((trace_role_attention, (inputs, layers, d, s)),
+            lambda out: RoleAttention(dest=dest, src=src, layers=layers, per_prompt=torch.stack(list(out), 1)))
+
+
+def role_attention(lm, prompts, dest: str, src: str, layers: list[int] | None = None) -> RoleAttention:
+    """Attention from ``dest`` to ``src`` (role names of the PromptSet, e.g. end -> IO, S2 -> S1)."""
+    call, finish = role_attention_call(lm, prompts, dest, src, layers)
+    return finish(run_traces(lm, [call])[0])
 
 
 @dataclass
@@ -94,20 +95,21 @@ class DestProfile:
         return self.per_prompt.mean((0, 2))
 
 
-def dest_profile(lm, prompts, dest: str = "end", layers: list[int] | None = None) -> DestProfile:
-    """Which earlier positions ``dest`` attends to, per layer and head (for equal-length prompts this is
-    position-aligned; with padding, positions are in padded coordinates)."""
-    from interpkit.remote import ensure_shipped
-
+def dest_profile_call(lm, prompts, dest: str = "end", layers: list[int] | None = None):
+    """(trace call, finish) of ``dest_profile``."""
     layers = check_layers(lm, layers)
     inputs = encode(lm, prompts)
     B, T = inputs["input_ids"].shape
     d = _positions(prompts, dest, B, T)
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        out = trace_role_attention(lm.model, inputs, layers, d, None, remote=lm.remote)
-    return DestProfile(dest=dest, layers=layers, per_prompt=torch.stack(list(out), 1))
+    return ((trace_role_attention, (inputs, layers, d, None)),
+            lambda out: DestProfile(dest=dest, layers=layers, per_prompt=torch.stack(list(out), 1)))
+
+
+def dest_profile(lm, prompts, dest: str = "end", layers: list[int] | None = None) -> DestProfile:
+    """Which earlier positions ``dest`` attends to, per layer and head (for equal-length prompts this is
+    position-aligned; with padding, positions are in padded coordinates)."""
+    call, finish = dest_profile_call(lm, prompts, dest, layers)
+    return finish(run_traces(lm, [call])[0])
 
 
 # -- head detectors -------------------------------------------------------------------------------------
@@ -165,21 +167,23 @@ class HeadScores:
                 for l in range(L) for h in range(H)]
 
 
-def detect_heads(lm, n_tokens: int = 20, batch: int = 8, seed: int = 0, threshold: float = 0.4,
-                 layers: list[int] | None = None) -> HeadScores:
-    """Previous-token, duplicate-token and induction scores of every head (one trace)."""
-    from interpkit.remote import ensure_shipped
-
+def detect_heads_call(lm, n_tokens: int = 20, batch: int = 8, seed: int = 0, threshold: float = 0.4,
+                      layers: list[int] | None = None):
+    """(trace call, finish) of ``detect_heads``."""
     if n_tokens < 2:
         raise UserError("--n-tokens must be >= 2 (the repeated sequence needs a body)")
     layers = check_layers(lm, layers)
     ids, offset = repeated_tokens(lm, n_tokens, batch, seed)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        out = trace_detectors(lm.model, inputs, layers, n_tokens, offset, remote=lm.remote)
-    return HeadScores(layers=layers, scores=torch.stack(list(out), 1), threshold=threshold)
+    return ((trace_detectors, (inputs, layers, n_tokens, offset)),
+            lambda out: HeadScores(layers=layers, scores=torch.stack(list(out), 1), threshold=threshold))
+
+
+def detect_heads(lm, n_tokens: int = 20, batch: int = 8, seed: int = 0, threshold: float = 0.4,
+                 layers: list[int] | None = None) -> HeadScores:
+    """Previous-token, duplicate-token and induction scores of every head (one trace)."""
+    call, finish = detect_heads_call(lm, n_tokens, batch, seed, threshold, layers)
+    return finish(run_traces(lm, [call])[0])
 
 
 # -- figures -------------------------------------------------------------------------------------------

@@ -150,15 +150,9 @@ def trace_cache(model, inputs: dict, plan: list, g: Geometry, remote=False) -> l
     return out
 
 
-def cache(lm, prompts, sites=("resid_pre",), layers: list[int] | None = None, max_bytes: float | None = None,
-          echo=None) -> ActivationCache:
-    """Cache ``sites`` at ``layers`` (default all) for ``prompts`` (strings, a PromptSet, or model inputs)
-    in one forward; with a remote model that forward is one NDIF request.
-
-    ``max_bytes``: refuse (before running) when the estimate exceeds it; ``echo`` prints the estimate.
-    """
-    from interpkit.remote import ensure_shipped
-
+def cache_call(lm, prompts, sites=("resid_pre",), layers: list[int] | None = None, max_bytes: float | None = None,
+               echo=None):
+    """(trace call, finish) of ``cache``: the estimate is checked here, before anything runs."""
     names = parse_sites(sites)
     layers = check_layers(lm, layers)
     inputs = encode(lm, prompts)
@@ -170,13 +164,25 @@ def cache(lm, prompts, sites=("resid_pre",), layers: list[int] | None = None, ma
     if max_bytes is not None and need > max_bytes:
         raise UserError(f"the cache would take {human_bytes(need)} (> limit {human_bytes(int(max_bytes))}); "
                         f"cache fewer sites/layers/prompts or raise the limit")
-    g = geometry(lm)
     plan = [(layer, name) for layer in sorted(layers) for name in names]
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        values = trace_cache(lm.model, inputs, plan, g, remote=lm.remote)
-    acts = {(name, layer): v.cpu() for (layer, name), v in zip(plan, values)}
-    tokens = [token_labels(lm, row) for row in inputs["input_ids"]]
-    return ActivationCache(acts=acts, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           tokens=tokens, dims={n: site_dims(n) for n in names})
+
+    def finish(values) -> ActivationCache:
+        acts = {(name, layer): v.cpu() for (layer, name), v in zip(plan, values)}
+        tokens = [token_labels(lm, row) for row in inputs["input_ids"]]
+        return ActivationCache(acts=acts, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               tokens=tokens, dims={n: site_dims(n) for n in names})
+
+    return (trace_cache, (inputs, plan, geometry(lm))), finish
+
+
+def cache(lm, prompts, sites=("resid_pre",), layers: list[int] | None = None, max_bytes: float | None = None,
+          echo=None) -> ActivationCache:
+    """Cache ``sites`` at ``layers`` (default all) for ``prompts`` (strings, a PromptSet, or model inputs)
+    in one forward; with a remote model that forward is one NDIF request.
+
+    ``max_bytes``: refuse (before running) when the estimate exceeds it; ``echo`` prints the estimate.
+    """
+    from analyses.tools.common import run_traces
+
+    call, finish = cache_call(lm, prompts, sites, layers, max_bytes, echo)
+    return finish(run_traces(lm, [call])[0])

@@ -18,18 +18,13 @@ from interpkit.errors import UserError
 # -- shared ------------------------------------------------------------------------------------------------
 def load(model: str, remote: bool | str = False, dtype: str | None = None, device: str | None = None):
     """``load_model`` with ``--dtype`` / ``--device`` applied to every kind of model (tiny ones included)."""
+    from interpkit.load_options import apply
     from interpkit.models import load_model
 
     torch_dtype = parse_dtype(dtype)
     lm = load_model(model, remote=remote, dtype=torch_dtype, device=device)
     if lm.remote is not True:                      # remote=True: the weights live on NDIF
-        if torch_dtype is not None and next(lm.hf.parameters()).dtype != torch_dtype:
-            lm.hf.to(torch_dtype)
-        if device is not None:
-            try:
-                lm.hf.to(device)
-            except (RuntimeError, AssertionError) as e:
-                raise UserError(f"cannot use --device {device!r}: {str(e).splitlines()[0]}; try cpu") from None
+        apply(lm.hf, torch_dtype, device)
     return lm
 
 
@@ -203,7 +198,8 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
     """``interpkit attention``: patterns of prompt ``show``; role -> role attention (``--roles end:IO``);
     where ``--dest`` attends on average; previous-token / duplicate / induction head detectors."""
     from analyses.tools import attention as A
-    from analyses.tools.cache import cache
+    from analyses.tools.cache import cache_call
+    from analyses.tools.common import run_traces
 
     lm = load(model, remote, dtype, device)
     ps = None
@@ -214,49 +210,61 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
     cfg = {"task": task, "dataset": dataset, "prompts": prompts, "n": n, "roles": roles, "dest": dest,
            "show": show, "layers": layers, "detect": detect, "n_tokens": n_tokens, "threshold": threshold,
            "dtype": dtype}
-    summary, figures, arrays = {}, [], {}
+    # every part is one trace; all of them run as one batch (remotely: one session = one NDIF request)
+    parts = []
+    if ps is not None:
+        if not 0 <= show < _n(ps):
+            raise UserError(f"--show {show} is out of range; there are {_n(ps)} prompts (0..{_n(ps) - 1})")
+        one = ps.subset([show]) if hasattr(ps, "subset") else [ps[show]]
+        parts.append(("patterns", None, cache_call(lm, one, sites=["pattern"], layers=layers)))
+        for d, s_ in _role_pairs(roles):
+            parts.append(("role", (d, s_), A.role_attention_call(lm, ps, d, s_, layers)))
+        if dest:
+            parts.append(("profile", dest, A.dest_profile_call(lm, ps, dest, layers)))
+    if detect:
+        parts.append(("detect", None, A.detect_heads_call(lm, n_tokens=n_tokens, seed=seed, threshold=threshold,
+                                                          layers=layers)))
     t0 = time.perf_counter()
+    outs = run_traces(lm, [call for _, _, (call, _) in parts])
+    results = [(kind, key, finish(out)) for (kind, key, (_, finish)), out in zip(parts, outs)]
+    seconds = time.perf_counter() - t0
+    summary, figures, arrays = {}, [], {}
     with open_store("attention", cfg, model, lm, seed, out, run_id) as store:
-        if ps is not None:
-            if not 0 <= show < _n(ps):
-                raise UserError(f"--show {show} is out of range; there are {_n(ps)} prompts (0..{_n(ps) - 1})")
-            one = ps.subset([show]) if hasattr(ps, "subset") else [ps[show]]
-            pat = cache(lm, one, sites=["pattern"], layers=layers)
-            keep = pat.attention_mask[0].bool()
-            tokens = [t for t, k in zip(pat.tokens[0], keep.tolist()) if k]
-            for layer in sorted({l for _, l in pat.keys()})[:4]:
-                Am = pat["pattern", layer][0][:, keep][:, :, keep]
-                figures.append(A.plot_patterns(Am, tokens, layer, store.dir / f"patterns_L{layer}.png"))
-                arrays[f"pattern_L{layer}"] = pat["pattern", layer][0]
-            for d, s in _role_pairs(roles):
-                ra = A.role_attention(lm, ps, d, s, layers)
-                key = f"{d}->{s}"
-                summary[key] = ra.top(10)
-                arrays[f"role_{d}_to_{s}"] = ra.per_prompt
-                figures.append(A.plot_heads(ra.mean, ra.layers, store.dir / f"role_{d}_to_{s}.png".replace("/", "_"),
-                                            f"attention {key} (mean over {_n(ps)} prompts)", "attention"))
-            if dest:
-                prof = A.dest_profile(lm, ps, dest, layers)
-                by_layer = prof.by_layer()
-                arrays[f"profile_{dest}"] = prof.per_prompt
-                ids = ps.input_ids[0] if hasattr(ps, "input_ids") else pat.input_ids[0]
+        for kind, key, res in results:
+            if kind == "patterns":
+                keep = res.attention_mask[0].bool()
+                tokens = [t for t, k in zip(res.tokens[0], keep.tolist()) if k]
+                for layer in sorted({l for _, l in res.keys()})[:4]:
+                    Am = res["pattern", layer][0][:, keep][:, :, keep]
+                    figures.append(A.plot_patterns(Am, tokens, layer, store.dir / f"patterns_L{layer}.png"))
+                    arrays[f"pattern_L{layer}"] = res["pattern", layer][0]
+            elif kind == "role":
+                d, s_ = key
+                summary[f"{d}->{s_}"] = res.top(10)
+                arrays[f"role_{d}_to_{s_}"] = res.per_prompt
+                figures.append(A.plot_heads(res.mean, res.layers, store.dir / f"role_{d}_to_{s_}.png",
+                                            f"attention {d}->{s_} (mean over {_n(ps)} prompts)", "attention"))
+            elif kind == "profile":
+                by_layer = res.by_layer()
+                arrays[f"profile_{key}"] = res.per_prompt
+                ids = ps.input_ids[0] if hasattr(ps, "input_ids") else encode_ids(lm, ps)
                 labels = [f"{p} {t!r}" for p, t in enumerate(token_labels(lm, ids))]
-                figures.append(A.plot_profile(by_layer, prof.layers, labels, store.dir / f"profile_{dest}.png",
-                                              f"attention from {dest} (mean over heads and prompts)"))
-                summary[f"from {dest}"] = [{"layer": l, "top_positions": [
+                figures.append(A.plot_profile(by_layer, res.layers, labels, store.dir / f"profile_{key}.png",
+                                              f"attention from {key} (mean over heads and prompts)"))
+                summary[f"from {key}"] = [{"layer": l, "top_positions": [
                     {"pos": int(p), "attention": round(float(by_layer[i, p]), 4)}
-                    for p in by_layer[i].topk(min(3, by_layer.shape[1])).indices]} for i, l in enumerate(prof.layers)]
-        if detect:
-            hs = A.detect_heads(lm, n_tokens=n_tokens, seed=seed, threshold=threshold, layers=layers)
-            arrays["detector_scores"] = hs.scores
-            for i, det in enumerate(A.DETECTORS):
-                figures.append(A.plot_heads(hs.scores[i], hs.layers, store.dir / f"detect_{det}.png",
-                                            f"{det.replace('_', '-')} score", "score", vmax=1.0))
-                summary[det] = {"detected": hs.detected(det),
-                                "best": [{"layer": hs.layers[int(j) // hs.scores.shape[2]],
-                                          "head": int(j) % hs.scores.shape[2], "score": round(float(v), 4)}
-                                         for v, j in zip(*hs.scores[i].flatten().topk(min(3, hs.scores[i].numel())))]}
-        store_arrays(store, {k: v for k, v in arrays.items()}, time.perf_counter() - t0)
+                    for p in by_layer[i].topk(min(3, by_layer.shape[1])).indices]} for i, l in enumerate(res.layers)]
+            else:
+                arrays["detector_scores"] = res.scores
+                H = res.scores.shape[2]
+                for i, det in enumerate(A.DETECTORS):
+                    figures.append(A.plot_heads(res.scores[i], res.layers, store.dir / f"detect_{det}.png",
+                                                f"{det.replace('_', '-')} score", "score", vmax=1.0))
+                    top = res.scores[i].flatten().topk(min(3, res.scores[i].numel()))
+                    summary[det] = {"detected": res.detected(det),
+                                    "best": [{"layer": res.layers[int(j) // H], "head": int(j) % H,
+                                              "score": round(float(v), 4)} for v, j in zip(*top)]}
+        store_arrays(store, arrays, seconds)
         store.note(figures=figures)
         store.finish(**{k.replace("->", "_to_"): v for k, v in summary.items()})
     _print_attention(summary, echo)
@@ -264,6 +272,12 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
     for f in figures:
         echo(f"figure:  {f}")
     return {"run_dir": str(store.dir), "summary": summary, "figures": figures}
+
+
+def encode_ids(lm, prompts) -> torch.Tensor:
+    from analyses.tools.common import encode
+
+    return encode(lm, prompts)["input_ids"][0]
 
 
 def _print_attention(summary: dict, echo) -> None:

@@ -1,24 +1,12 @@
 """Shared outside-trace helpers of the everyday tools: model geometry as plain values, inputs from prompts,
-token labels, the dtype option and the progress bar."""
+token labels and the dtype option."""
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 
 from analyses.tools.reads import Geometry
 from interpkit.errors import UserError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``--dtype`` text -> torch dtype (None: the model's own)."""
-    if name is None or name == "auto":
-        return None
-    if name not in DTYPES:
-        raise UserError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+from interpkit.load_options import DTYPES, parse_dtype  # noqa: F401  (re-exported for the tools)
 
 
 def _final_norm(hf):
@@ -81,15 +69,18 @@ def check_layers(lm, layers: list[int] | None) -> list[int]:
     return [lm.arch.check_layer(int(l)) for l in layers]
 
 
-@contextmanager
-def progress(description: str, total: int, enabled: bool = True):
-    """A rich progress bar (a no-op advance when disabled or for a single step)."""
-    if not enabled or total <= 1:
-        yield lambda n=1: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def run_traces(lm, calls: list) -> list:
+    """``fn(model, *args)`` for every ``(fn, args)``: locally one after another; remotely all inside one
+    ``model.session`` (one NDIF request; each fn's trace must not pass ``remote`` itself)."""
+    if lm.remote:
+        from interpkit.remote import ensure_shipped
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        ensure_shipped()
+        model = lm.model
+        with model.session(remote=lm.remote):
+            outs = list().save()
+            for fn, args in calls:
+                outs.append(fn(model, *args))
+        return list(outs)
+    with torch.no_grad():
+        return [fn(lm.model, *args) for fn, args in calls]

@@ -98,12 +98,6 @@ def is_allowed(module: str, *, deserializing: bool = False) -> bool:
     return rule_for(module, deserializing=deserializing) is not None
 
 
-def check_module(module: str, *, deserializing: bool = False) -> None:
-    """Raise ``ImportError("Module <module> is not whitelisted")`` (NDIF's wording) unless allowed."""
-    if not is_allowed(module, deserializing=deserializing):
-        raise ImportError(NOT_WHITELISTED.format(name=module))
-
-
 def disallowed_imports(source: str, package: str | None = None) -> list[str]:
     """Modules imported anywhere in ``source`` that NDIF's execution whitelist refuses, in order.
 
