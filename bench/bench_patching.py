@@ -1,20 +1,21 @@
 """Activation-patching sweep (resid_pre x position) on a GPT-2-small-sized random model, timed side by side.
 
-    python bench/bench_patching.py [--pairs 4] [--tokens 12] [--threads 1] [--repeats 2] [--blocks 4] [--no-tl]
+    python bench/bench_patching.py [--pairs 4] [--tokens 12] [--threads 1] [--repeats 2] [--no-tl]
 
 Model: GPT2Config(n_layer=12, n_embd=768, n_head=12) with random weights (seed 0), built locally.
 Prompts: random token ids, no padding; the corrupted prompt differs at two positions. Metric: logit
 difference at the last position. Rows, in the order they are timed (interleaved per repeat):
 
-- engine:  ``analyses.patching.run_patching`` (batched: every cell is a row, ``--max-rows`` per forward)
+- engine:  ``analyses.patching.run_patching`` with ``engine="full"`` (the plain reference engine: every cell
+           is a row of full forwards, ``--max-rows`` per forward)
 - attribution: ``analyses.attribution.run_attribution`` (one forward + backward; agreement printed)
 - limit:   the same number of plain HF forwards over the same batches (no nnsight, no patching), with
            the same last-position-only logits; and, for reference, the same forwards with full logits
 - TL:      TransformerLens ``patching.get_act_patch_resid_pre`` (one forward per cell) on a
            HookedTransformer holding identical weights (converted from the HF state dict offline), plus
            its ``run_with_cache`` of the clean run
-- prefix:  ``analyses.patching_prefix.run_prefix_patching`` (reuses the unpatched prefix through the
-           key/value cache, see there)
+- prefix:  ``analyses.patching.run_patching`` with the default engine (provably-zero cells skipped, the
+           rest on the base run's key/value cache; ``interpkit/engine``)
 
 Every method's [layer, position] mean metric must agree with the engine's to 1e-4 (checked, printed).
 Times are the min over ``--repeats``; ratios are to the engine unless stated.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
@@ -120,7 +122,7 @@ def main(args) -> None:
     results = {}
 
     def engine():
-        results["exact"] = run_patching(lm, prompts, cfg)
+        results["exact"] = run_patching(lm, prompts, replace(cfg, engine="full"))
         return results["exact"].values.mean(0)
 
     def attribution():
@@ -132,9 +134,7 @@ def main(args) -> None:
     runs["limit"] = limit
     runs["limit (full logits)"] = limit_fn(hf, lm, prompts, cfg, last_only=False)[0]
     if not args.no_prefix:
-        from analyses.patching_prefix import run_prefix_patching
-        runs["prefix (KV reuse)"] = lambda: run_prefix_patching(lm, prompts, cfg, layer_blocks=args.blocks,
-                                                                position_blocks=args.blocks).values.mean(0)
+        runs["prefix (KV reuse)"] = lambda: run_patching(lm, prompts, cfg).values.mean(0)
     if not args.no_tl:
         try:
             tl = hooked_transformer(hf)
@@ -182,5 +182,4 @@ if __name__ == "__main__":
     ap.add_argument("--max-rows", type=int, default=512)
     ap.add_argument("--no-tl", action="store_true")
     ap.add_argument("--no-prefix", action="store_true")
-    ap.add_argument("--blocks", type=int, default=4, help="layer and position blocks of the prefix method")
     main(ap.parse_args())

@@ -237,9 +237,6 @@ def _unify(run_dir: Path, min_frequency: float, echo) -> dict:
 
 def _intervene(run_dir, manifest, remote, what, max_prompts_per_edge, max_rows, seed, cache_dir, echo) -> dict:
     from analyses.attention_tracing.interventions import CircuitConfig, edge_interventions, signal_removal
-    from analyses.attention_tracing.omega import Omega, default_cache_dir
-    from interpkit.models import load_model
-    from tasks import get_task
 
     if what not in ("edge", "input"):
         raise UserError(f"--what {what!r}; use edge (upstream signal per edge) or input (full signal removal)")
@@ -277,11 +274,14 @@ def _prune(run_dir: Path, min_prompts: int, min_effect: float, echo) -> dict:
     C = gr.prune_circuit(U, pd.read_csv(path), min_prompts=min_prompts, min_effect=min_effect)
     files = _write_unified(run_dir, C, name="circuit")
     heads = sorted(gr.circuit_components(C))
+    passed = sum(1 for _, _, key in C.edges(keys=True) if key != "logit")     # root (logit) edges are always kept
     echo(f"circuit (>= {min_prompts} prompts, |mean delta logit diff| >= {min_effect}): "
-         f"{C.number_of_nodes()} nodes, {C.number_of_edges()} edges, heads {' '.join(f'{l}.{h}' for l, h in heads)}")
+         f"{passed} intervened edges passed, {C.number_of_edges() - passed} root edges kept; "
+         f"{C.number_of_nodes()} nodes, heads {' '.join(f'{l}.{h}' for l, h in heads) or 'none'}")
     for f in files:
         echo(f"  wrote {f}")
-    return {"nodes": C.number_of_nodes(), "edges": C.number_of_edges(), "heads": heads, "files": files}
+    return {"nodes": C.number_of_nodes(), "edges": C.number_of_edges(), "passed_edges": passed, "heads": heads,
+            "files": files}
 
 
 def _fmt(x) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from analyses.probing import ProbeConfig, ProbeResult, probe_layers, random_like
 

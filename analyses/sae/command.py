@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from analyses.sae.load import SAE, SAESpec, describe, load_sae, sae_layer, save_sae
 from analyses.sae.train import Activations, SAETrainConfig, build_corpus, collect, sae_stats, train_sae

@@ -12,7 +12,6 @@ exactly k active latents; ``standard`` (ReLU) ones add ``l1 * sum_i f_i ||W_dec_
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
