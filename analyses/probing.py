@@ -216,7 +216,8 @@ class ProbeResult:
     layers: list[int]
     train_acc: torch.Tensor           # [targets, layers]
     test_acc: torch.Tensor            # [targets, layers]
-    chance: torch.Tensor              # [targets] test accuracy of always predicting the train majority
+    chance: torch.Tensor              # [targets] best constant guess: the largest class share of the test rows
+                                      # (the train majority scored 0.000 when a split held no row of it)
     train_prompts: torch.Tensor       # prompt indices used for training (disjoint from test_prompts)
     test_prompts: torch.Tensor
     n_rows: dict = field(default_factory=dict)   # {target: (n_train_rows, n_test_rows)}
@@ -281,8 +282,7 @@ def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: 
         probes = fit_probes(Xtr, ytr, cfg)
         train_acc[i] = (probes.predict(Xtr) == ytr[:, None]).float().mean(0)
         test_acc[i] = (probes.predict(Xte) == yte[:, None]).float().mean(0)
-        majority = torch.mode(ytr).values
-        chance[i] = (yte == majority).float().mean()
+        chance[i] = torch.bincount(yte).max().float() / len(yte)      # best constant guess on the test rows
         n_rows[name] = (len(ytr), len(yte))
     return ProbeResult(targets=list(labels), layers=list(range(L)), train_acc=train_acc, test_acc=test_acc,
                        chance=chance, train_prompts=train_p, test_prompts=test_p, n_rows=n_rows, config=cfg,
