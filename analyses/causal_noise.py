@@ -153,17 +153,9 @@ class NoiseModel:
 # --------------------------------------------------------------------------------------------------
 def subject_embeddings(lm, prompts, max_rows: int = 256) -> list[torch.Tensor]:
     """Per prompt, the embedding output at its subject tokens [n_i, d] (the model's dtype)."""
-    from analyses.causal_tracing import facts_of
+    from analyses.causal_tracing import subject_batches
 
-    facts = facts_of(prompts)
-    T = prompts.input_ids.shape[1]
-    sub = torch.zeros_like(prompts.attention_mask, dtype=torch.bool)
-    for f in facts:
-        pad = T - len(f.ids)
-        sub[f.index, pad + f.subject_first: pad + f.subject_last + 1] = True
-    pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    jobs = [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
-              "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
+    sub, jobs = subject_batches(prompts, max_rows)
     model = lm.model
     if lm.remote:
         from interpkit.remote import ensure_shipped

@@ -399,10 +399,7 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     One batched pass over the PromptSet (one forward per max_rows prompts; one request remotely).
     Position ids count from each prompt's first real token, so left padding does not move positions.
     """
-    sub = subject_mask(prompts)
-    pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    jobs = [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
-              "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
+    jobs = subject_batches(prompts, max_rows)[1]
     model = lm.model
     if lm.remote:
         _ship()
@@ -427,6 +424,15 @@ def subject_mask(prompts) -> torch.Tensor:
         pad = T - len(f.ids)
         sub[f.index, pad + f.subject_first: pad + f.subject_last + 1] = True
     return sub
+
+
+def subject_batches(prompts, max_rows: int) -> tuple[torch.Tensor, list[tuple[dict, torch.Tensor]]]:
+    """(subject mask [N, T], [(inputs, subject mask)] per ``max_rows`` prompts), with position ids that
+    count from each prompt's first real token (left padding moves no position)."""
+    sub = subject_mask(prompts)
+    pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return sub, [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
+                   "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
 
 
 def _dataset_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
