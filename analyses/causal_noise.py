@@ -161,7 +161,7 @@ def subject_embeddings(lm, prompts, max_rows: int = 256) -> list[torch.Tensor]:
         from interpkit.remote import ensure_shipped
 
         ensure_shipped()
-        with model.session(remote=True):
+        with model.session(remote=lm.remote):
             outs = list().save()
             for job in jobs:
                 outs.append(_embedding_trace(model, *job))

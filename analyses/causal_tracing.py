@@ -271,7 +271,7 @@ def run_jobs(lm, jobs: list[tuple]) -> list[tuple]:
         with torch.no_grad():
             return [trace_rows(model, *job) for job in jobs]
     _ship()
-    with model.session(remote=True):
+    with model.session(remote=lm.remote):
         outs = list().save()
         for job in jobs:
             outs.append(trace_rows(model, *job))
@@ -403,7 +403,7 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     model = lm.model
     if lm.remote:
         _ship()
-        with model.session(remote=True):
+        with model.session(remote=lm.remote):
             outs = list().save()
             for job in jobs:
                 outs.append(_dataset_trace(model, *job))

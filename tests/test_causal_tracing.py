@@ -249,3 +249,17 @@ def test_prefix_plan_skips_what_cannot_change():
     assert work < 0.2, work
     coarse = plan_fact(rest, T, a, L, window=10, samples=S, max_rows=1024, blocks=1)
     assert [(c.p0, c.l0) for c in coarse.chunks] == [(a, 0)] and coarse.source == plan.source
+
+
+@pytest.mark.parametrize("engine", ["prefix", "batched"])
+def test_remote_local_is_the_serialisation_round_trip(engine):
+    """``remote="local"`` runs through nnsight's serialise/deserialise round trip in this process, never
+    through NDIF (no server is running here), and gives the local numbers."""
+    lm = sharp("llama")
+    ps = facts("llama", 1)
+    cfg = CT.TraceConfig(noise="3sigma", window=2, samples=2, engine=engine)
+    local = CT.run_causal_tracing(lm, ps, cfg)
+    rt = CT.run_causal_tracing(dataclasses.replace(lm, remote="local"), ps, cfg)
+    assert rt.noise_level == local.noise_level
+    for a, b in zip(local.facts, rt.facts):
+        assert (a.scores - b.scores).abs().max().item() < 1e-6 and a.low == pytest.approx(b.low, abs=1e-6)
