@@ -409,13 +409,16 @@ def vprobe(model: str = typer.Option(..., help="A local model (the probe trains 
            task: str = typer.Option(None, help="A task name."), target: str = typer.Option(..., help="Meta field."),
            dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file (instead of --task)."),
            n: int = typer.Option(None, help="Prompts (default: the whole task)."), seed: int = typer.Option(0),
+           steps: int = typer.Option(300, help="Training steps of the probe (the rank-r update and the head)."),
            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """V-probe (Allen-Zhu & Li): frozen model, rank-r embedding update + linear head, vs random weights."""
-    from analyses.vprobe import vprobe_command
+    from analyses.vprobe import VProbeConfig, vprobe_command
     from interpkit import validate as V
 
     V.vprobe_options(model, n, seed)
-    vprobe_command(model, _task_or_dataset(task, dataset), target, n=n, seed=seed, root=out)
+    V.count("--steps", steps)
+    vprobe_command(model, _task_or_dataset(task, dataset), target, n=n, seed=seed, root=out,
+                   cfg=VProbeConfig(steps=steps, seed=seed))
 
 
 # -- everyday tools (issue 16): cache, logit-lens, dla, attention, steer; bodies in analyses/tools/command.py --

@@ -20,6 +20,7 @@ import torch
 
 from analyses.probing import _inputs, prompt_split, random_like
 from interpkit.errors import UserError
+from interpkit.progress import stage
 from interpkit.plots import finish
 
 
@@ -53,7 +54,7 @@ class VProbeResult:
     config: VProbeConfig
     model: VProbeFit
     random: VProbeFit | None
-    chance: float                       # test accuracy of the train-majority class
+    chance: float                       # best constant guess: the largest class share of the test rows
     n_train: int
     n_test: int
     trainable_params: int
@@ -118,8 +119,9 @@ def fit_vprobe(hf: torch.nn.Module, inputs: dict, labels: torch.Tensor, train: t
 
     history = []
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), stage("V-probe training", cfg.steps, "steps") as bar:
             for step in range(cfg.steps):
+                bar.advance()
                 rows = train
                 if cfg.batch_size is not None and len(train) > cfg.batch_size:
                     rows = train[torch.randperm(len(train), generator=g)[:cfg.batch_size]]
@@ -161,9 +163,9 @@ def run_vprobe(lm, prompts, labels, cfg: VProbeConfig | None = None, target: str
         timings["random_s"] = time.perf_counter() - t0
     d = lm.arch.d_model
     n_params = lm.hf.get_input_embeddings().weight.shape[0] * cfg.rank + cfg.rank * d + (d + 1) * len(classes)
-    majority = torch.mode(y[train]).values
+    best_constant = float(torch.bincount(y[test]).max()) / len(test)     # never 0.000 (see probing.probe_layers)
     return VProbeResult(target=target, config=cfg, model=fit, random=rnd,
-                        chance=float((y[test] == majority).float().mean()), n_train=len(train), n_test=len(test),
+                        chance=best_constant, n_train=len(train), n_test=len(test),
                         trainable_params=n_params, timings=timings)
 
 
