@@ -70,7 +70,7 @@ def parse_rule(noise) -> NoiseRule:
     except ValueError:
         raise UserError(f"bad --noise {noise!r}; use {RULE_HELP}") from None
     if not math.isfinite(level) or level < 0:
-        raise UserError(f"bad --noise {noise!r}: a noise level must be a finite number >= 0")
+        raise UserError(f"--noise must be >= 0 and finite (got {noise!r}); use 3sigma or a non-negative number")
     return NoiseRule("fixed", level, text)
 
 
@@ -158,13 +158,9 @@ def subject_embeddings(lm, prompts, max_rows: int = 256) -> list[torch.Tensor]:
     sub, jobs = subject_batches(prompts, max_rows)
     model = lm.model
     if lm.remote:
-        from interpkit.remote import ensure_shipped
+        from interpkit.engine.run import run_session
 
-        ensure_shipped()
-        with model.session(remote=lm.remote):
-            outs = list().save()
-            for job in jobs:
-                outs.append(_embedding_trace(model, *job))
+        outs = run_session(model, _embedding_trace, jobs, lm.remote)
     else:
         with torch.no_grad():
             outs = [_embedding_trace(model, *job) for job in jobs]

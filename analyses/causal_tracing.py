@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analyses.causal_noise import MODEL_RULES, build_noise_model, corrupt
+from interpkit.engine.run import run_session
 from interpkit.errors import UserError
 from interpkit.progress import stage
 from interpkit.sites import site
@@ -270,19 +271,7 @@ def run_jobs(lm, jobs: list[tuple]) -> list[tuple]:
     if not lm.remote:
         with torch.no_grad():
             return [trace_rows(model, *job) for job in jobs]
-    _ship()
-    with model.session(remote=lm.remote):
-        outs = list().save()
-        for job in jobs:
-            outs.append(trace_rows(model, *job))
-    return outs
-
-
-def _ship() -> None:
-    """Our modules are not installed on NDIF: register them to travel by value with the request."""
-    from interpkit.remote import ensure_shipped
-
-    ensure_shipped()
+    return run_session(model, trace_rows, jobs, lm.remote)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,11 +391,7 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     jobs = subject_batches(prompts, max_rows)[1]
     model = lm.model
     if lm.remote:
-        _ship()
-        with model.session(remote=lm.remote):
-            outs = list().save()
-            for job in jobs:
-                outs.append(_dataset_trace(model, *job))
+        outs = run_session(model, _dataset_trace, jobs, lm.remote)
     else:
         with torch.no_grad():
             outs = [_dataset_trace(model, *job) for job in jobs]

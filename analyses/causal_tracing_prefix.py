@@ -210,9 +210,9 @@ def trace_facts_prefix(lm, todo: list[tuple], cfg) -> list[tuple]:
     banks = [noise_bank(f, noise) for f, noise, _, _ in todo]
     model = lm.model
     if lm.remote:
-        from analyses.causal_tracing import _ship
+        from interpkit.remote import ensure_shipped
 
-        _ship()
+        ensure_shipped()                        # our trace helpers travel by value: NDIF does not have them
     jobs = [(f.ids, bank, plan, ans) for (f, _, _, ans), bank, plan in zip(todo, banks, plans)]
     with torch.no_grad():
         with model.session(remote=lm.remote):

@@ -196,27 +196,15 @@ def seed(name: str, value: int | None) -> None:
 
 
 def noise(name: str, value) -> None:
-    """A noise level: "<k>sigma" / "s<k>" or a number, never negative or infinite."""
-    import re
-
+    """A noise rule, checked by the one parser the engines use (``analyses.causal_noise.parse_rule``)."""
     if value is None:
         return
-    text = str(value).strip().lower()
-    if isinstance(value, bool):
-        raise UserError(f"{name} must be 3sigma, <k>sigma or a number >= 0 (got {value!r})")
-    if re.fullmatch(r"(\d+(?:\.\d+)?)\s*sigma|s(\d+(?:\.\d+)?)", text):
-        return
-    if re.fullmatch(r"s|u.*|m.*|t.*|subject", text):       # ROME's other rules: analyses.causal_noise
-        from analyses.causal_noise import parse_rule
+    from analyses.causal_noise import parse_rule
 
-        parse_rule(text)
-        return
     try:
-        level = float(text)
-    except ValueError:
-        raise UserError(f"{name} {value!r}: use 3sigma (3 x std of subject embeddings), <k>sigma or a number >= 0") from None
-    if not math.isfinite(level) or level < 0:
-        raise UserError(f"{name} must be >= 0 (got {value!r}); use 3sigma or a non-negative number")
+        parse_rule(value)
+    except UserError as e:
+        raise UserError(str(e).replace("--noise", name, 1)) from None
 
 
 def yaml_mapping(name: str, path: str) -> dict:

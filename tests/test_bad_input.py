@@ -143,6 +143,10 @@ CASES = [
     Case("eval-not-state-tracking", ["eval", "--model", str(MODELS / "calendar-demo")],
          r"not a permutation state-tracking model"),
     # causal tracing options and its YAML config
+    Case("patch-engine-unknown", PATCH + ["--engine", "fast"], r"--engine"),
+    Case("causal-trace-facts-per-chunk-0", CTRACE + ["--facts-per-chunk", "0"], r"facts.per.chunk"),
+    Case("vprobe-steps-0", ["vprobe", "--model", "tiny:gpt2", "--task", "days", "--target", "a", "--steps", "0"],
+         r"--steps must be >= 1"),
     Case("causal-trace-noise-negative", CTRACE + ["--noise", "-1"], r"--noise must be >= 0"),
     Case("causal-trace-noise-word", CTRACE + ["--noise", "loud"], r"--noise 'loud'"),
     Case("causal-trace-facts-0", CTRACE[:3] + ["--facts", "0"], r"--facts must be >= 1"),
