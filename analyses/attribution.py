@@ -25,7 +25,7 @@ import torch
 from analyses.patching import PatchConfig, PatchResult, region_mask, sweep_inputs
 from interpkit.engine.inside import patch_site
 from interpkit.engine.run import run_session
-from interpkit.metrics import score
+from interpkit.metrics import kept_logits, score
 
 
 def _grad_site(model, site_name: str, layer: int) -> torch.Tensor:
@@ -39,14 +39,14 @@ def trace_attribution(model, inputs: dict, site_name: str, layers: list, n_heads
                       deletion: bool, metric: str, answer, wrong, candidates, remote=False):
     """One forward + backward over [source rows; base rows]. Returns (metric per row [2P],
     per-layer contributions [P, T, H] for head_out or [P, T, 1] otherwise). Runs unchanged on NDIF."""
-    with model.trace(inputs, remote=remote, logits_to_keep=1):
+    with model.trace(inputs, remote=remote, logits_to_keep=kept_logits(metric, answer)):
         emb = model.embed.output
         if not emb.requires_grad:                   # frozen weights: still give the activations a graph
             emb.requires_grad_(True)
         acts = list()
         for layer in layers:
             acts.append(_grad_site(model, site_name, layer))
-        values = score(metric, model.output.logits[:, -1], answer, wrong, candidates)
+        values = score(metric, model.output.logits, answer, wrong, candidates)
         scores = values.detach().save()
         contrib = list().save()
         with values[n_pairs:].sum().backward(inputs=acts):
@@ -72,16 +72,16 @@ def run_attribution(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | No
     ``on_chunk(i, arrays)`` is called as each chunk of pairs finishes (arrays: ``scores`` [2p] and
     ``contrib`` [layers, p, T, H or 1]); ``done`` maps chunk index -> such arrays (resumed runs).
     """
-    base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
+    inp = sweep_inputs(lm, prompts, cfg, candidates)
+    base, source, layers, cells, answer, wrong = inp.base, inp.source, inp.layers, inp.cells, inp.answer, inp.wrong
     P, T = base["input_ids"].shape
     H = lm.arch.n_heads
     spans = _pair_chunks(P, cfg.max_rows)
     done = done or {}
 
     def job(lo, hi):
-        cat = lambda key: torch.cat([source[key][lo:hi], base[key][lo:hi]])  # noqa: E731
-        return ({"input_ids": cat("input_ids"), "attention_mask": cat("attention_mask")}, cfg.site, layers, H,
-                hi - lo, cfg.mode == "deletion", cfg.metric, answer[lo:hi].repeat(2, 1), wrong[lo:hi].repeat(2, 1),
+        return ({k: torch.cat([source[k][lo:hi], base[k][lo:hi]]) for k in base}, cfg.site, layers, H,
+                hi - lo, cfg.mode == "deletion", inp.metric, answer[lo:hi].repeat(2, 1), wrong[lo:hi].repeat(2, 1),
                 candidates)
 
     t0 = time.perf_counter()
@@ -105,7 +105,8 @@ def run_attribution(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | No
     source_v = torch.cat([s for s, _ in scores])
     base_v = torch.cat([b for _, b in scores])
     per_pos = torch.cat(contrib, dim=1).permute(1, 0, 2, 3)        # [P, layers, T, H or 1]
-    values = base_v[:, None, None] + _cell_sums(cfg, per_pos, cells, T, H)
+    values = inp.fold(base_v[:, None, None] + _cell_sums(cfg, per_pos, cells, T, H))
+    base_v, source_v = inp.fold(base_v), inp.fold(source_v)
     if cfg.mode == "deletion":
         source_v = torch.zeros_like(base_v)
     return PatchResult(config=cfg, layers=layers, cells=cells, values=values, base=base_v, source=source_v,

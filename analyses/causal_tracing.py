@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from analyses.causal_noise import MODEL_RULES, build_noise_model, corrupt
 from interpkit.engine.run import run_session
 from interpkit.errors import UserError
+from interpkit.metrics import sequence_prob
 from interpkit.progress import stage
 from interpkit.sites import site
 
@@ -131,6 +132,14 @@ def facts_of(prompts) -> list[Fact]:
             raise UserError(f"fact {i} ({prompts.prompts[i]!r}) has a subject span outside the prompt")
         out.append(Fact(i, int(keys[i]), ids, a, b))
     return out
+
+
+def answer_fact(fact: Fact, answer: torch.Tensor) -> Fact:
+    """The fact as the engines run it: a multi-token answer's tokens but the last follow the prompt, so the
+    last K positions' logits score the whole answer (teacher forcing); restorations stay on the prompt."""
+    if answer.shape[0] <= 1:
+        return fact
+    return replace(fact, ids=torch.cat([fact.ids, answer[:-1]]))
 
 
 def token_groups(n_tokens: int, subject_first: int, subject_last: int) -> dict[str, list[int]]:
@@ -236,20 +245,20 @@ def grid(kinds: list[str], n_tokens: int, n_layers: int) -> list[tuple[str, int,
 # the trace (runs locally and on NDIF: torch only)
 # --------------------------------------------------------------------------------------------------
 def trace_rows(model, ids: torch.Tensor, bank: torch.Tensor, bank_idx: torch.Tensor, writes: list,
-               answer: int, remote=False):
-    """One forward: noise the embeddings by ``bank[bank_idx]``, apply ``writes``, return
-    (answer probability per row [B], the answer id). ``answer < 0`` takes the clean row's top-1."""
+               answer: torch.Tensor, remote=False):
+    """One forward: noise the embeddings by ``bank[bank_idx]``, apply ``writes``, return (answer probability
+    per row [B], the answer ids [K]). ``answer`` [K] ends ``ids`` but for its last token (teacher forcing);
+    ``answer[0] < 0`` takes the clean row's top-1."""
     B = bank_idx.shape[0]
     inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
-    with model.trace(inputs, logits_to_keep=1, remote=remote):
+    with model.trace(inputs, logits_to_keep=answer.shape[0], remote=remote):
         e = model.embed.output
         model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype)[bank_idx.to(e.device)])
         for layer, site_, rows, pos, src in writes:
             x = site(model, SITE_NAMES[site_], layer)
             x[rows, pos] = x[src, pos]
-        probs = model.output.logits[:, -1].float().softmax(-1)
-        a = probs[0].argmax() if answer < 0 else torch.tensor(answer, device=probs.device)
-        p = probs[:, a].detach().cpu().save()
+        p, a = sequence_prob(model.output.logits, answer)
+        p = p.detach().cpu().save()
         a = a.detach().cpu().save()
     return p, a
 
@@ -448,7 +457,8 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
     todo = []
     for i, f in enumerate(facts):
         rest = restorations(f) if restorations is not None else grid(kinds, len(f.ids), L)
-        todo.append((f, fact_noise(cfg, f, d, level), rest, -1 if answers is None else int(answers[i])))
+        ans = torch.tensor([-1]) if answers is None else torch.as_tensor(answers[i], dtype=torch.long).view(-1)
+        todo.append((answer_fact(f, ans), fact_noise(cfg, f, d, level), rest, ans))
     if cfg.engine == "prefix":
         from analyses.causal_tracing_prefix import trace_facts_prefix
 
@@ -456,7 +466,7 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
     else:
         results = _trace_batched(lm, todo, cfg)
     traces = []
-    for (f, _, rest, _), (vals, low, high, answer) in zip(todo, results):
+    for f, (_, _, rest, _), (vals, low, high, answer) in zip(facts, todo, results):
         vals = vals.float()
         scores = vals.view(1, -1, 1) if restorations is not None else vals.view(len(kinds), len(f.ids), L)
         tok = lm.tokenizer.convert_ids_to_tokens(f.ids.tolist())
@@ -480,7 +490,7 @@ def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
     for lo, hi, rest in bounds:
         probs = [outs[j][0].double() for j in range(lo, hi)]         # means in float64: exact for equal rows
         vals = torch.cat([p[1 + S:].view(-1, S).mean(1) for p in probs]) if rest else torch.zeros(0)
-        results.append((vals, float(probs[0][1:1 + S].mean()), float(probs[0][0]), int(outs[lo][1])))
+        results.append((vals, float(probs[0][1:1 + S].mean()), float(probs[0][0]), int(outs[lo][1].view(-1)[0])))
     return results
 
 
@@ -498,6 +508,8 @@ def run_causal_tracing(lm, prompts, cfg: TraceConfig, *, subject_std: float | No
     t_level = time.perf_counter() - t0
     facts = facts_of(prompts)
     answers = prompts.answer_ids[:, 0].tolist() if cfg.answer == "given" else None
+    if prompts.multi_token:                         # your own data: the whole given answer, teacher forced
+        answers = prompts.sequences("answer")
     out = []
     n = cfg.facts_per_chunk
     starts = list(range(0, len(facts), n))
@@ -659,6 +671,8 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
     if not rows:
         raise UserError("the model knows none of the facts; causal tracing needs facts it predicts")
     chosen = prompts.subset(rows)
+    if chosen.multi_token:
+        echo("score: probability of the whole given answer (product of its teacher-forced token probabilities)")
     width = chosen.input_ids.shape[1]
     kinds = cfg.all_kinds()
 

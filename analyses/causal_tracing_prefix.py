@@ -30,6 +30,7 @@ import torch
 from analyses.causal_noise import corrupt
 from analyses.causal_tracing import _RESID, SITE_NAMES, noise_bank, restoration_writes
 from interpkit.kv_cache import layer_kv, prefix_cache
+from interpkit.metrics import sequence_prob
 from interpkit.sites import site
 
 
@@ -53,10 +54,10 @@ class FactPlan:
     sites: list[int]                # sites the reference forward records (forward order)
 
 
-def normalise(writes: tuple, n_tokens: int, n_layers: int, subject_first: int) -> tuple:
-    """The writes that can change the answer, sorted; "before the subject" and "last layer, not the last
-    position" writes are no-ops."""
-    keep = {w for w in writes if w[2] >= subject_first and not (w[0] == n_layers - 1 and w[2] != n_tokens - 1)}
+def normalise(writes: tuple, n_tokens: int, n_layers: int, subject_first: int, n_read: int = 1) -> tuple:
+    """The writes that can change the answer, sorted; "before the subject" and "last layer, before the
+    ``n_read`` positions whose logits are read" writes are no-ops."""
+    keep = {w for w in writes if w[2] >= subject_first and not (w[0] == n_layers - 1 and w[2] < n_tokens - n_read)}
     return tuple(sorted(keep))
 
 
@@ -66,15 +67,16 @@ def first_layer(writes: tuple) -> int:
 
 
 def plan_fact(restorations: list, n_tokens: int, subject_first: int, n_layers: int, window: int, samples: int,
-              max_rows: int, blocks: int) -> FactPlan:
+              max_rows: int, blocks: int, n_read: int = 1) -> FactPlan:
+    """``n_read``: how many last positions' logits score the answer (a multi-token answer's length)."""
     unique: list[tuple] = []
     index: dict[tuple, int] = {}
     source = []
     for spec in restorations:
-        w = normalise(restoration_writes(spec, window, n_layers), n_tokens, n_layers, subject_first)
+        w = normalise(restoration_writes(spec, window, n_layers), n_tokens, n_layers, subject_first, n_read)
         if not w:
             source.append(("low",))
-        elif first_layer(w) == n_layers:                  # only h^(L-1) at the last position is written
+        elif first_layer(w) == n_layers and n_read == 1:  # only h^(L-1) at the last position is written
             source.append(("low",) if w[0][3] else ("high",))
         else:
             if w not in index:
@@ -106,14 +108,14 @@ def _starts(values: list[int], blocks: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # traces (torch only inside)
 # --------------------------------------------------------------------------------------------------
-def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[int], n_layers: int, answer: int,
-                    remote=False):
+def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[int], n_layers: int,
+                    answer: torch.Tensor, remote=False):
     """Clean row + S corrupted rows: answer probability per row, the answer id (saved), the recorded
     sites (``acts[layer * len(sites_) + i]``, all rows and positions) and the per-layer (keys, values),
     which stay in the session (on the server, remotely)."""
     B = bank.shape[0]
     inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
-    with model.trace(inputs, use_cache=True, logits_to_keep=1, remote=remote):
+    with model.trace(inputs, use_cache=True, logits_to_keep=answer.shape[0], remote=remote):
         e = model.embed.output
         model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype))
         acts = list()
@@ -121,9 +123,8 @@ def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[i
             for site_ in sites_:
                 acts.append(site(model, SITE_NAMES[site_], layer).detach().clone())
         out = model.output
-        probs = out.logits[:, -1].float().softmax(-1)
-        a = probs[0].argmax() if answer < 0 else torch.tensor(answer, device=probs.device)
-        p = probs[:, a].detach().cpu().save()
+        p, a = sequence_prob(out.logits, answer)
+        p = p.detach().cpu().save()
         a = a.detach().cpu().save()
         kv = list()
         for layer in range(n_layers):
@@ -131,11 +132,12 @@ def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[i
     return p, a, acts, kv
 
 
-def trace_chunk(model, inputs: dict, cache, l0: int, start, noise, writes: list, answer: int, remote=False):
+def trace_chunk(model, inputs: dict, cache, l0: int, start, noise, writes: list, answer: torch.Tensor,
+                remote=False):
     """One chunk: tokens p0.. on the cached prefix, layers < l0 skipped with ``start`` (or, from layer 0,
     the subject noise added to the embeddings), then the chunk's writes; answer probability per row."""
     kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
-    with model.trace(inputs, logits_to_keep=1, remote=remote, **kw):
+    with model.trace(inputs, logits_to_keep=answer.shape[0], remote=remote, **kw):
         if noise is not None:
             e = model.embed.output
             model.embed.output = corrupt(e, noise.to(device=e.device, dtype=e.dtype))
@@ -144,7 +146,7 @@ def trace_chunk(model, inputs: dict, cache, l0: int, start, noise, writes: list,
         for layer, site_, rows, pos, fill in writes:
             x = site(model, SITE_NAMES[site_], layer)
             x[rows, pos] = fill.to(device=x.device, dtype=x.dtype)
-        p = model.output.logits[:, -1].float().softmax(-1)[:, answer].detach().cpu().save()
+        p = sequence_prob(model.output.logits, answer)[0].detach().cpu().save()
     return p
 
 
@@ -185,7 +187,7 @@ def chunk_args(plan: FactPlan, chunk: Chunk, ids: torch.Tensor, bank: torch.Tens
             "l0": l0, "start": start, "noise": bank[sample, p0:] if l0 == 0 else None, "writes": writes}
 
 
-def trace_plan(model, ids: torch.Tensor, bank: torch.Tensor, plan: FactPlan, answer: int, n_layers: int,
+def trace_plan(model, ids: torch.Tensor, bank: torch.Tensor, plan: FactPlan, answer: torch.Tensor, n_layers: int,
                samples: int) -> tuple:
     """Every forward of one fact: the reference, then one per chunk. Call it inside ``model.session``
     (locally or remotely: one request), so the reference's activations and cache reach the chunks
@@ -205,8 +207,8 @@ def trace_facts_prefix(lm, todo: list[tuple], cfg) -> list[tuple]:
     """Per fact (Fact, noise, restorations, answer): (mean restored probability per restoration [R]
     float64, low, high, answer id). One session: one request remotely."""
     S, L = cfg.samples, lm.arch.n_layers
-    plans = [plan_fact(rest, len(f.ids), f.subject_first, L, cfg.window, S, cfg.max_rows, cfg.blocks)
-             for f, _, rest, _ in todo]
+    plans = [plan_fact(rest, len(f.ids), f.subject_first, L, cfg.window, S, cfg.max_rows, cfg.blocks, len(ans))
+             for f, _, rest, ans in todo]
     banks = [noise_bank(f, noise) for f, noise, _, _ in todo]
     model = lm.model
     if lm.remote:
@@ -228,5 +230,5 @@ def trace_facts_prefix(lm, todo: list[tuple], cfg) -> list[tuple]:
             values[chunk.items] = q.double().view(-1, S).mean(1)
         by = {"low": low, "high": high}
         results.append((torch.tensor([values[s[1]].item() if s[0] == "unique" else by[s[0]] for s in plan.source],
-                                     dtype=torch.float64), low, high, int(a)))
+                                     dtype=torch.float64), low, high, int(a.view(-1)[0])))
     return results

@@ -30,8 +30,9 @@ from interpkit.engine.inside import UNEMBED_IN, patch_site, trace_full
 from interpkit.engine.plan import Plan, SweepSpec, first_difference, plan_sweep
 from interpkit.engine.run import SweepRuns, run_plan, run_session
 from interpkit.errors import UserError
-from interpkit.metrics import normalize
+from interpkit.metrics import SEQ_LOGPROB, normalize
 from interpkit.sites import SITES
+from tasks.base import append_tokens
 
 REGIONS = ("position", "prefix", "suffix", "window")
 ENGINES = ("prefix", "full")
@@ -168,8 +169,34 @@ def cell_masks(cfg: PatchConfig, cells: list[int], T: int, n_heads: int) -> torc
     return masks
 
 
-def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None):
-    """Validated (base, source, layers, cells, answer, wrong) of a sweep; shared with attribution patching."""
+@dataclass
+class SweepInputs:
+    """What a sweep runs on: base and source batches, the swept layers and cells, the answers and metric.
+
+    With multi-token answers (your own data) every pair becomes two rows, prompt + answer and prompt +
+    wrong answer (or one row without wrong answers), scored by summed teacher-forced log-probability;
+    ``fold`` turns per-row metrics back into per-pair ones (answer minus wrong answer)."""
+
+    base: dict
+    source: dict
+    layers: list[int]
+    cells: list[int]
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    metric: str
+    pairs: int
+    stacked: bool = False           # rows are [answer rows; wrong-answer rows]
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        """[rows, ...] -> [pairs, ...]: answer rows minus wrong-answer rows (bool masks: both rows)."""
+        if not self.stacked:
+            return t
+        a, w = t[:self.pairs], t[self.pairs:]
+        return a & w if t.dtype == torch.bool else a - w
+
+
+def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None) -> SweepInputs:
+    """The validated inputs of a sweep; shared with attribution patching."""
     arch = lm.arch
     cfg.validate(arch.n_layers)
     if cfg.metric == "margin" and candidates is None:
@@ -186,7 +213,22 @@ def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None 
     cells = list(range(arch.n_heads)) if cfg.by == "head" else (cfg.positions if cfg.positions is not None else list(range(T)))
     answer = prompts.answer_ids
     wrong = prompts.wrong_ids if prompts.wrong_ids is not None else torch.full_like(answer, -1)
-    return base, source, layers, cells, answer, wrong
+    if not prompts.multi_token:
+        return SweepInputs(base, source, layers, cells, answer, wrong, cfg.metric, len(prompts))
+    if cfg.metric != "logit_diff":
+        raise UserError(f"multi-token answers are scored by summed log-probability; --metric {cfg.metric} "
+                        f"reads one token, use --metric logit_diff")
+    seqs = prompts.sequences("answer")
+    stacked = prompts.wrong_ids is not None and all(prompts.meta.get("wrong_seq") or [])
+    if stacked:
+        seqs = seqs + prompts.sequences("wrong")
+    batches = []
+    for b in (base, source):
+        both = {k: torch.cat([v, v]) if stacked else v for k, v in b.items()}
+        batches.append(append_tokens(both, seqs))
+    (base, answer), (source, _) = batches
+    return SweepInputs(base, source, layers, cells, answer, torch.full_like(answer, -1), SEQ_LOGPROB,
+                       len(prompts), stacked)
 
 
 @dataclass
@@ -197,11 +239,13 @@ class PlannedSweep:
     runs: SweepRuns
     layers: list[int]
     cells: list[int]
+    inputs: SweepInputs
 
 
 def plan_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None = None) -> PlannedSweep:
     """``cfg``'s sweep as engine chunks, with the provably-zero cells marked skipped."""
-    base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
+    inp = sweep_inputs(lm, prompts, cfg, candidates)
+    base, source, layers, cells = inp.base, inp.source, inp.layers, inp.cells
     T = base["input_ids"].shape[1]
     spec = SweepSpec(site=cfg.site, layers=layers, n_layers=lm.arch.n_layers,
                      cell_masks=cell_masks(cfg, cells, T, lm.arch.n_heads),
@@ -209,9 +253,9 @@ def plan_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None
                                                  source["attention_mask"]),
                      substitution=cfg.mode == "substitution", max_rows=cfg.max_rows)
     runs = SweepRuns(base=base, source=source, site=cfg.site, n_heads=lm.arch.n_heads, n_layers=lm.arch.n_layers,
-                     metric=cfg.metric, answer=answer, wrong=wrong, candidates=candidates,
+                     metric=inp.metric, answer=inp.answer, wrong=inp.wrong, candidates=candidates,
                      deletion=cfg.mode == "deletion")
-    return PlannedSweep(plan=plan_sweep(spec), runs=runs, layers=layers, cells=cells)
+    return PlannedSweep(plan=plan_sweep(spec), runs=runs, layers=layers, cells=cells, inputs=inp)
 
 
 def execute(lm, cfg: PatchConfig, sweep: PlannedSweep, on_chunk=None, done: dict | None = None,
@@ -220,10 +264,12 @@ def execute(lm, cfg: PatchConfig, sweep: PlannedSweep, on_chunk=None, done: dict
     t0 = time.perf_counter()
     out = run_plan(lm.model, sweep.plan, sweep.layers, sweep.runs, remote=lm.remote, done=done,
                    on_chunk=on_chunk, progress=progress)
-    source_v = torch.zeros_like(out.base) if cfg.mode == "deletion" else out.source
+    fold = sweep.inputs.fold
+    base_v = fold(out.base)
+    source_v = torch.zeros_like(base_v) if cfg.mode == "deletion" else fold(out.source)
     plan = sweep.plan
-    return PatchResult(config=cfg, layers=sweep.layers, cells=sweep.cells, values=out.values, base=out.base,
-                       source=source_v, skipped=plan.skipped,
+    return PatchResult(config=cfg, layers=sweep.layers, cells=sweep.cells, values=fold(out.values), base=base_v,
+                       source=source_v, skipped=fold(plan.skipped),
                        timings={"sweep_s": time.perf_counter() - t0, "forwards": 2 + len(plan.chunks),
                                 "work": plan.work, "skipped": float(plan.skipped.float().mean()),
                                 "requests": out.requests, "reused_chunks": len(done or {})})
@@ -270,7 +316,8 @@ def plan_chunks(cfg: PatchConfig, n_pairs: int, layers: list[int], cells: list[i
 
 def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=None, done: dict | None = None):
     """The plain engine (``engine="full"``): every patched row runs the whole prompt through every layer."""
-    base, source, layers, cells, answer, wrong = sweep_inputs(lm, prompts, cfg, candidates)
+    inp = sweep_inputs(lm, prompts, cfg, candidates)
+    base, source, layers, cells, answer, wrong = inp.base, inp.source, inp.layers, inp.cells, inp.answer, inp.wrong
     P, T = base["input_ids"].shape
     chunks = plan_chunks(cfg, P, layers, cells, T, lm.arch.n_heads)
     values = torch.full((P, len(layers), len(cells)), float("nan"))
@@ -281,7 +328,7 @@ def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=N
     def job(part, per_layer):
         n = len(part) + 2
         writes = [(layer, rows, mask, None if cfg.mode == "deletion" else src) for layer, rows, src, mask in per_layer]
-        return (_chunk_inputs(base, source, len(part)), writes, cfg.site, lm.arch.n_heads, cfg.metric,
+        return (_chunk_inputs(base, source, len(part)), writes, cfg.site, lm.arch.n_heads, inp.metric,
                 answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
 
     todo = [i for i in range(len(chunks)) if i not in done]
@@ -301,6 +348,7 @@ def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=N
             values[:, li, ci] = out[2 * P + k * P: 2 * P + (k + 1) * P]
         if on_chunk is not None and i not in done:
             on_chunk(i, out)
+    base_v, source_v, values = inp.fold(base_v), inp.fold(source_v), inp.fold(values)
     if cfg.mode == "deletion":
         source_v = torch.zeros_like(base_v)
     return PatchResult(config=cfg, layers=layers, cells=cells, values=values, base=base_v, source=source_v,
@@ -308,9 +356,7 @@ def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=N
 
 
 def _chunk_inputs(base: dict, source: dict, n_cells: int) -> dict:
-    ids = torch.cat([source["input_ids"], base["input_ids"]] + [base["input_ids"]] * n_cells)
-    mask = torch.cat([source["attention_mask"], base["attention_mask"]] + [base["attention_mask"]] * n_cells)
-    return {"input_ids": ids, "attention_mask": mask}
+    return {k: torch.cat([source[k], base[k]] + [base[k]] * n_cells) for k in base}
 
 
 # -- labels and figures -----------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     _check_result_file(store)
     echo(f"patching {task} ({len(prompts)} pairs, {prompts.input_ids.shape[1]} tokens) on {model}: "
          f"{method}, {site} by {by}, {direction}{', remote' if remote else ''}")
+    if prompts.multi_token:
+        echo("metric: summed teacher-forced log-probability of the answer"
+             + (" minus that of the wrong answer" if prompts.wrong_ids is not None else "") + " (multi-token answers)")
 
     results = {}
     for name in (("exact", "attribution") if method == "both" else (method,)):

@@ -35,9 +35,40 @@ def margin(logits: torch.Tensor, answer_ids: torch.Tensor, candidates: torch.Ten
     return logits.gather(-1, ans)[:, 0] - others.max(-1).values
 
 
+SEQ_LOGPROB = "seq_logprob"
+
+
+def seq_logprob(logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of ``seq`` [B, K] (-1 padded), teacher forced: ``logits`` [B, K + 1, V] are the
+    last K + 1 positions of prompt + seq, and position j predicts seq[:, j]."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    picked = logp.gather(-1, seq.clamp_min(0)[..., None])[..., 0]
+    return (picked * (seq >= 0)).sum(-1)
+
+
+def sequence_prob(logits: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability per row [B], answer ids [K]) of the answer ``answer`` [K], teacher forced: ``logits``
+    [B, K, V] are the last K positions of prompt + answer[:-1], and the probability is the product over the
+    answer's tokens (K = 1: the next-token probability). ``answer[0] < 0`` takes the first row's top-1."""
+    probs = logits.float().softmax(-1)
+    a = probs[0, -1].argmax().view(1) if int(answer[0]) < 0 else answer.to(probs.device)
+    picked = probs.gather(-1, a.view(1, -1, 1).expand(probs.shape[0], -1, 1))[..., 0]
+    return picked.prod(-1), a
+
+
+def kept_logits(name: str, answer_ids: torch.Tensor) -> int:
+    """How many last positions' logits the metric ``name`` reads (``logits_to_keep`` of the trace)."""
+    return answer_ids.shape[1] + 1 if name == SEQ_LOGPROB else 1
+
+
 def score(name: str, logits: torch.Tensor, answer_ids: torch.Tensor, wrong_ids: torch.Tensor,
           candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """The metric called ``name`` (logit_diff | prob_diff | margin) of last-position logits, per row."""
+    """The metric called ``name`` (logit_diff | prob_diff | margin | seq_logprob) per row, from the logits of
+    the last ``kept_logits(name, answer_ids)`` positions ([B, K, V]; [B, V] for the last position alone).
+    ``seq_logprob`` reads ``answer_ids`` as the teacher-forced answer tokens that end the input."""
+    if name == SEQ_LOGPROB:
+        return seq_logprob(logits, answer_ids)
+    logits = logits[:, -1] if logits.dim() == 3 else logits
     if name == "logit_diff":
         return logit_diff(logits, answer_ids, wrong_ids)
     if name == "prob_diff":

@@ -70,3 +70,34 @@ class PromptSet:
             raise UserError(f"task {self.task!r} has no corrupted prompts; pick a task with pairs")
         ids, mask = (self.corrupted_ids, self.corrupted_mask) if corrupted else (self.input_ids, self.attention_mask)
         return {"input_ids": ids, "attention_mask": mask}
+
+    @property
+    def multi_token(self) -> bool:
+        """Whether some answer (or wrong answer) of your own data is several tokens long."""
+        return any(len(seq) > 1 for key in ("answer_seq", "wrong_seq") for seq in self.meta.get(key) or [])
+
+    def sequences(self, which: str = "answer") -> list[list[int]]:
+        """Each row's whole answer (``which="wrong"``: wrong answer) as token ids: ``meta["answer_seq"]`` /
+        ``meta["wrong_seq"]`` for your own data, else the first token of ``answer_ids`` / ``wrong_ids``."""
+        seqs = self.meta.get("answer_seq" if which == "answer" else "wrong_seq")
+        if seqs and all(seqs):
+            return [list(s) for s in seqs]
+        ids = self.answer_ids if which == "answer" else self.wrong_ids
+        if ids is None:
+            raise UserError(f"these prompts have no {which} answers to score")
+        return [[int(r[0])] for r in ids]
+
+
+def append_tokens(batch: dict[str, torch.Tensor], seqs: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs ``batch`` + each row's ``seqs`` (teacher forcing), right-padded with the attention mask
+    off (causal attention keeps the padding away from real tokens), and the [B, K] tokens (-1 padded).
+    Rows padded on both sides get explicit position ids counted from their first token (nnsight only
+    corrects rows padded on the left)."""
+    if any(len(s) == 0 for s in seqs):
+        raise UserError("an answer has no tokens; every row needs a non-empty answer")
+    ans = torch.full((len(seqs), max(len(s) for s in seqs)), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ans[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    mask = torch.cat([batch["attention_mask"], (ans >= 0).long()], 1)
+    return {"input_ids": torch.cat([batch["input_ids"], ans.clamp_min(0)], 1), "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}, ans

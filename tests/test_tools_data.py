@@ -156,3 +156,79 @@ def test_load_options_apply_to_every_model():
     with pytest.raises(UserError, match="unknown --dtype"):
         with load_options("fp8"):
             pass
+
+
+PAIRS = [{"prompt": "When Mary and John went to the store, John gave a drink to",
+          "corrupted_prompt": "When Mary and John went to the store, Mary gave a drink to",
+          "answer": "Mary Smith", "wrong_answer": "John Smith"},
+         {"prompt": "When Anna and Paul went to the park, Paul gave a ball to",
+          "corrupted_prompt": "When Anna and Paul went to the park, Anna gave a ball to",
+          "answer": "Anna", "wrong_answer": "Paul and the dog"}]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family):
+    """Patching with multi-token answers: the base and source metrics are the teacher-forced summed
+    log-probability of the answer minus the wrong answer (checked against the scoring tool), and the
+    default engine equals the plain full-forward engine on every cell."""
+    from analyses.patching import PatchConfig, run_patching
+    from analyses.tools.scoring import trace_logprobs
+    from tasks.base import append_tokens
+
+    lm = tiny(family)
+    ps, rep = read_dataset(write(tmp_path / "pairs.jsonl", PAIRS), lm.tokenizer)
+    assert len(ps) == 2 and ps.multi_token, rep.line()
+
+    def logprob(corrupted: bool, which: str) -> torch.Tensor:
+        inputs, ans = append_tokens(ps.batch(corrupted=corrupted), ps.sequences(which))
+        with torch.no_grad():
+            return trace_logprobs(lm.model, inputs, ans, ps.input_ids.shape[1])
+
+    fast = run_patching(lm, ps, PatchConfig(site="resid_pre"))
+    slow = run_patching(lm, ps, PatchConfig(site="resid_pre", engine="full"))
+    clean, corrupt = logprob(False, "answer") - logprob(False, "wrong"), logprob(True, "answer") - logprob(True, "wrong")
+    assert torch.allclose(fast.source, clean, atol=1e-4) and torch.allclose(fast.base, corrupt, atol=1e-4)
+    assert torch.allclose(slow.base, fast.base, atol=1e-4) and torch.allclose(slow.source, fast.source, atol=1e-4)
+    assert fast.values.shape == (2, lm.arch.n_layers, ps.input_ids.shape[1])
+    assert (fast.values - slow.values).abs().max() < 1e-4
+    assert not torch.allclose(fast.values, fast.base[:, None, None].expand_as(fast.values))   # cells moved
+    with pytest.raises(UserError, match="summed log-probability"):
+        run_patching(lm, ps, PatchConfig(site="resid_pre", metric="prob_diff"))
+
+
+FACT_ROWS = [{"prompt": "The Eiffel Tower is located in the city of", "answer": "Paris, France", "subject": "Eiffel Tower"},
+             {"prompt": "Danielle Darrieux speaks the language", "answer": "French", "subject": "Danielle Darrieux"}]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_multi_token_causal_tracing_scores_the_whole_answer(tmp_path, family):
+    """Causal tracing with a multi-token answer traces the probability of the whole answer: the clean
+    score equals exp(summed teacher-forced log-probability) of the scoring tool, both engines agree on
+    every restoration, and restoring layer 0's output from the subject on gives the clean score."""
+    import math
+
+    from analyses.causal_tracing import TraceConfig, run_causal_tracing
+
+    lm = tiny(family)
+    ps, _ = read_dataset(write(tmp_path / "facts.jsonl", FACT_ROWS), lm.tokenizer, need_subject=True)
+    assert ps.multi_token
+    cfg = dict(samples=3, window=2, kinds=["hidden", "mlp"], severed=True)
+    fast = run_causal_tracing(lm, ps, TraceConfig(**cfg), subject_std=0.5)
+    slow = run_causal_tracing(lm, ps, TraceConfig(**cfg, engine="batched"), subject_std=0.5)
+    want = answer_logprobs(lm, ps).double().exp()
+    for f, g, w, seq in zip(fast.facts, slow.facts, want, ps.meta["answer_seq"]):
+        assert math.isclose(f.high, float(w), rel_tol=1e-4) and math.isclose(g.high, f.high, rel_tol=1e-5)
+        assert f.answer_id == seq[0] and f.scores.shape[1] == len(f.tokens)     # restorations on the prompt
+        assert torch.allclose(f.scores, g.scores, rtol=1e-4, atol=0)       # relative: random weights, tiny p
+        assert (f.scores != f.low).any()
+    def everything(fact):               # layer 0's output at every noised-or-later position, answer tokens too
+        end = len(fact.ids) + len(ps.meta["answer_seq"][fact.index]) - 1
+        return [(tuple((0, "hidden", p, "clean") for p in range(fact.subject_first, end)),)]
+
+    from analyses.causal_tracing import facts_of, trace_facts
+
+    restored = trace_facts(lm, facts_of(ps), TraceConfig(**cfg), 0.5, answers=ps.sequences("answer"),
+                           restorations=everything)
+    for t, f in zip(restored, fast.facts):
+        assert math.isclose(float(t.scores.flatten()[0]), f.high, rel_tol=1e-4)
+        assert not math.isclose(f.low, f.high, rel_tol=1e-3)

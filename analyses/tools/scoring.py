@@ -8,21 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from interpkit.errors import UserError
-
-
-def teacher_forced_inputs(prompts, seqs: list[list[int]]) -> tuple[dict, torch.Tensor]:
-    """Model inputs prompt + answer tokens, and the [B, L] answer ids (-1 padded)."""
-    if any(len(s) == 0 for s in seqs):
-        raise UserError("an answer has no tokens; every row needs a non-empty answer")
-    B, T = prompts.input_ids.shape
-    L = max(len(s) for s in seqs)
-    ans = torch.full((B, L), -1, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ans[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    ids = torch.cat([prompts.input_ids, ans.clamp_min(0)], 1)
-    mask = torch.cat([prompts.attention_mask, (ans >= 0).long()], 1)
-    return {"input_ids": ids, "attention_mask": mask}, ans
+from tasks.base import append_tokens
 
 
 def trace_logprobs(model, inputs: dict, ans: torch.Tensor, start: int, remote=False) -> torch.Tensor:
@@ -42,14 +28,7 @@ def answer_logprobs(lm, prompts, which: str = "answer") -> torch.Tensor:
     token in ``answer_ids`` / ``wrong_ids`` column 0 (built-in tasks)."""
     from interpkit.remote import ensure_shipped
 
-    key = "answer_seq" if which == "answer" else "wrong_seq"
-    seqs = prompts.meta.get(key)
-    if not seqs or not all(seqs):
-        ids = prompts.answer_ids if which == "answer" else prompts.wrong_ids
-        if ids is None:
-            raise UserError(f"these prompts have no {which} answers to score")
-        seqs = [[int(r[0])] for r in ids]
-    inputs, ans = teacher_forced_inputs(prompts, seqs)
+    inputs, ans = append_tokens(prompts.batch(), prompts.sequences(which))
     if lm.remote:
         ensure_shipped()
     with torch.no_grad():

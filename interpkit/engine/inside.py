@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from interpkit.kv_cache import layer_kv, positions, prefix_cache
-from interpkit.metrics import score
+from interpkit.metrics import kept_logits, score
 from interpkit.sites import first, site
 
 UNEMBED_IN = "unembed_in"
@@ -28,7 +28,7 @@ def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: l
     """One reference run: (metric, activations at the swept ``layers``, the residual stream entering each
     layer in ``starts`` (``n_layers``: the final norm's input), key/value cache per layer or []).
     ``keep`` saves everything (local runs); inside a session values flow without saving."""
-    with model.trace(inputs, use_cache=want_cache, logits_to_keep=1):
+    with model.trace(inputs, use_cache=want_cache, logits_to_keep=kept_logits(metric, answer)):
         acts = list().save() if keep else list()
         resid = list().save() if keep else list()
         kv = list().save() if keep else list()
@@ -42,7 +42,7 @@ def trace_reference(model, inputs: dict, site_name: str, layers: list, starts: l
         if site_name == UNEMBED_IN:
             acts.append(model.final_norm.output.detach().clone())
         out = model.output
-        scores = score(metric, out.logits[:, -1], answer, wrong, candidates).detach().save()
+        scores = score(metric, out.logits, answer, wrong, candidates).detach().save()
         if want_cache:
             for layer in range(n_layers):
                 kv.append(layer_kv(out.past_key_values, layer))
@@ -54,13 +54,13 @@ def trace_suffix(model, inputs: dict, cache, l0: int, n_layers: int, skip_value,
     """One chunk: its tokens on top of the cached prefix, layers < l0 skipped (their output is the base
     run's residual stream), every write ``(layer, rows, mask, fill)`` applied, the metric per row."""
     kw = dict(past_key_values=cache, use_cache=True) if l0 < n_layers else dict(use_cache=False)
-    with model.trace(inputs, logits_to_keep=1, **kw):
+    with model.trace(inputs, logits_to_keep=kept_logits(metric, answer), **kw):
         for layer in range(l0):
             model.layers[layer].skip(skip_value)
         for layer, rows, mask, fill in writes:
             h = patch_site(model, site_name, layer, n_heads)
             h[rows] = torch.where(mask, fill, h[rows])
-        values = score(metric, model.output.logits[:, -1], answer, wrong, candidates).detach().save()
+        values = score(metric, model.output.logits, answer, wrong, candidates).detach().save()
     return values
 
 
@@ -68,12 +68,12 @@ def trace_full(model, inputs: dict, writes: list, site_name: str, n_heads: int, 
                candidates):
     """The reference engine's forward: whole prompts, every layer, writes ``(layer, rows, mask, fill)``
     with ``fill`` a row index into the same batch (the source rows ride along) or a tensor."""
-    with model.trace(inputs, logits_to_keep=1):
+    with model.trace(inputs, logits_to_keep=kept_logits(metric, answer)):
         for layer, rows, mask, fill in writes:
             h = patch_site(model, site_name, layer, n_heads)
             value = torch.zeros_like(h[rows]) if fill is None else h[fill]
             h[rows] = torch.where(mask, value, h[rows])
-        values = score(metric, model.output.logits[:, -1], answer, wrong, candidates).detach().save()
+        values = score(metric, model.output.logits, answer, wrong, candidates).detach().save()
     return values
 
 
