@@ -356,15 +356,17 @@ def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family
           positions: str = typer.Option("last", help="all | last | a role name (e.g. start)."),
           n: int = typer.Option(200, help="Prompts."), seed: int = typer.Option(0),
           remote: bool = typer.Option(False, help="Collect activations on NDIF (one request)."),
+          split_by: str = typer.Option(None, help="Keep each value of this field (e.g. name) wholly in train "
+                                                  "or in test: an entity-level split."),
           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
-    """Linear probes on the residual stream at every layer, split by prompt."""
+    """Linear probes on the residual stream at every layer, split by prompt (or by entity: --split-by)."""
     from analyses.probing import probe_command
     from interpkit import validate as V
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
     V.probe_options(model, n, names, positions, seed)
     probe_command(model, _task_or_dataset(task, dataset), names, positions=positions, n=n, seed=seed, remote=remote,
-                  root=out)
+                  root=out, split_by=split_by)
 
 
 @app.command()
@@ -561,6 +563,9 @@ def main() -> None:
     an unexpected error is one line and exit code 1. ``--debug`` (anywhere) shows tracebacks instead."""
     from interpkit.errors import UserError, explain, first_line
 
+    for stream in (sys.stdout, sys.stderr):            # logs and pipes see each line as it is printed
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv = [a for i, a in enumerate(sys.argv) if i == 0 or a != "--debug"]

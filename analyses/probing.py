@@ -139,6 +139,19 @@ def prompt_split(n_prompts: int, test_frac: float, seed: int) -> tuple[torch.Ten
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 
+def group_split(groups: list, test_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) prompt indices with every group (e.g. a name) wholly on one side, so a probe cannot
+    pass by recognising an entity it saw in training; about ``test_frac`` of the groups are held out."""
+    names = sorted(set(groups), key=str)
+    if len(names) < 2:
+        raise UserError(f"an entity-level split needs at least 2 distinct values, got {len(names)}")
+    _, held_idx = prompt_split(len(names), test_frac, seed)
+    held = {names[int(i)] for i in held_idx}
+    test = torch.tensor([i for i, g in enumerate(groups) if g in held])
+    train = torch.tensor([i for i, g in enumerate(groups) if g not in held])
+    return train, test
+
+
 def _rows(acts: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor):
     """Flatten prompts x positions into rows (X [n, L, d], y [n]) for the given prompts, dropping -1."""
     a, y = acts[prompts], labels[prompts]
@@ -254,16 +267,17 @@ class ProbeResult:
         return finish(fig, path)
 
 
-def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: ProbeConfig | None = None) -> ProbeResult:
+def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: ProbeConfig | None = None,
+                      groups: list | None = None) -> ProbeResult:
     """Probe every layer of ``acts`` for every target in ``labels``.
 
     acts: [N, L, d] with labels [N], or [N, L, P, d] with labels [N, P] (-1 = ignore). The split is over
-    the N prompts.
+    the N prompts, or over ``groups`` (one value per prompt, e.g. its name: ``group_split``).
     """
     cfg = cfg or ProbeConfig()
     cfg.validate()
     N, L = acts.shape[:2]
-    train_p, test_p = prompt_split(N, cfg.test_frac, cfg.seed)
+    train_p, test_p = prompt_split(N, cfg.test_frac, cfg.seed) if groups is None else group_split(groups, cfg.test_frac, cfg.seed)
     shape = (len(labels), L)
     train_acc, test_acc, chance = torch.zeros(shape), torch.zeros(shape), torch.zeros(len(labels))
     n_rows, t0 = {}, time.perf_counter()
@@ -298,7 +312,7 @@ def _final_labels(lab, N: int) -> torch.Tensor:
 
 
 def probe_layers(lm, prompts, labels: dict[str, torch.Tensor], positions="all",
-                 cfg: ProbeConfig | None = None) -> ProbeResult:
+                 cfg: ProbeConfig | None = None, groups: list | None = None) -> ProbeResult:
     """Per-layer probe accuracy of several targets (e.g. ``{"state": ..., "parity": ...}``).
 
     ``labels[name]`` is [N, T] in padded coordinates (positions="all"; -1 ignores a position, padding is
@@ -315,7 +329,7 @@ def probe_layers(lm, prompts, labels: dict[str, torch.Tensor], positions="all",
         labels = {k: torch.as_tensor(v, dtype=torch.long).masked_fill(pad, IGNORE) for k, v in labels.items()}
     elif positions == "last":
         labels = {k: _final_labels(v, N) for k, v in labels.items()}
-    res = probe_activations(acts, labels, cfg)
+    res = probe_activations(acts, labels, cfg, groups)
     res.timings["activations_s"] = t_acts
     return res
 
@@ -455,11 +469,12 @@ def labels_from_meta(prompts, targets: list[str], positions) -> dict[str, torch.
 
 def probe_command(model: str, task: str, targets: list[str], *, positions: str = "last", n: int = 200,
                   seed: int = 0, remote: bool = False, cfg: ProbeConfig | None = None,
-                  root: str = "artifacts", lm=None, prompts=None) -> ProbeResult:
+                  root: str = "artifacts", lm=None, prompts=None, split_by: str | None = None) -> ProbeResult:
     """``interpkit probe``: probe ``targets`` (meta fields of ``task``) at every layer.
 
-    ``positions`` is "all", "last" or the name of one of the task's roles. Writes results.h5, probe.png
-    and a manifest into the run directory and prints a summary table.
+    ``positions`` is "all", "last" or the name of one of the task's roles; ``split_by`` a meta field whose
+    values (e.g. names) stay wholly in train or in test. Writes results.h5, probe.png and a manifest into
+    the run directory and prints a summary table with the sample counts.
     """
     from interpkit.models import load_model
     from interpkit.store import RunStore
@@ -476,9 +491,15 @@ def probe_command(model: str, task: str, targets: list[str], *, positions: str =
                             f"({', '.join(sorted(prompts.roles))})")
         pos = prompts.roles[positions]
     labels = labels_from_meta(prompts, targets, "all" if positions == "all" else "one")
-    store = RunStore("probe", {"task": task, "targets": targets, "positions": positions, "n": n,
-                               "probe": asdict(cfg)}, model=model, seed=seed, root=root, remote=remote)
-    res = probe_layers(lm, prompts, labels, positions=pos if positions != "all" else "all", cfg=cfg)
+    if split_by is not None and split_by not in prompts.meta:
+        raise UserError(f"--split-by {split_by!r} is not a field of {task!r}; use one of "
+                        f"{', '.join(sorted(prompts.meta))}")
+    groups = list(prompts.meta[split_by]) if split_by is not None else None
+    ident = {"task": task, "targets": targets, "positions": positions, "n": n, "probe": asdict(cfg)}
+    if split_by is not None:
+        ident["split_by"] = split_by
+    store = RunStore("probe", ident, model=model, seed=seed, root=root, remote=remote)
+    res = probe_layers(lm, prompts, labels, positions=pos if positions != "all" else "all", cfg=cfg, groups=groups)
     if not store.has_chunk(0):                     # a rerun recomputes (deterministic) and keeps the stored chunk
         store.write_chunk(0, {"train_acc": res.train_acc.numpy(), "test_acc": res.test_acc.numpy(),
                               "chance": res.chance.numpy(), "test_prompts": res.test_prompts.numpy()})
@@ -487,7 +508,15 @@ def probe_command(model: str, task: str, targets: list[str], *, positions: str =
     for k, v in res.timings.items():
         store.time(k, v)
     best = {t: {"layer": res.best_layer(t), "test_acc": float(res.test_acc[i].max())} for i, t in enumerate(res.targets)}
-    store.finish(best=best, figure="probe.png")
+    store.finish(best=best, figure="probe.png", n_rows=res.n_rows,
+                 split={"by": split_by or "prompt", "train_prompts": len(res.train_prompts),
+                        "test_prompts": len(res.test_prompts),
+                        **({"test_groups": sorted({str(groups[i]) for i in res.test_prompts.tolist()})}
+                           if groups is not None else {})})
+    split = f"by {split_by}: held-out {', '.join(sorted({str(groups[i]) for i in res.test_prompts.tolist()}))}" \
+        if groups is not None else "by prompt"
+    print(f"split {split}; prompts train {len(res.train_prompts)} / test {len(res.test_prompts)}; rows "
+          + ", ".join(f"{t} {a}/{b}" for t, (a, b) in res.n_rows.items()))
     print(summary_table(res))
     print(f"results: {store.dir}")
     return res

@@ -236,3 +236,45 @@ def test_labels_from_meta_per_position_and_strings():
     lab = labels_from_meta(ps, ["states"], "all")["states"]
     assert lab.tolist() == [[-1, 3, 4], [1, 2, 3]]
     assert labels_from_meta(ps, ["name"], "one")["name"].tolist() == [1, 0]
+
+
+def test_entity_split_keeps_each_entity_on_one_side_and_stops_memorisation():
+    """A label that belongs to an entity (a name's gender): prompts of one entity share a vector, so a
+    prompt-level split lets the probe recognise entities it trained on; the entity-level split cannot."""
+    from analyses.probing import group_split
+
+    g = torch.Generator().manual_seed(0)
+    E, per, d = 40, 5, 128
+    groups = [f"name{e}" for e in range(E) for _ in range(per)]
+    train, test = group_split(groups, 0.25, seed=1)
+    assert {groups[i] for i in train.tolist()}.isdisjoint({groups[i] for i in test.tolist()})
+    assert sorted(train.tolist() + test.tolist()) == list(range(E * per))
+    assert len({groups[i] for i in test.tolist()}) == 10
+    entity = torch.randn(E, d, generator=g)
+    label_of = torch.randint(0, 2, (E,), generator=g)
+    acts = (entity.repeat_interleave(per, 0) + 0.1 * torch.randn(E * per, d, generator=g))[:, None]   # [N, 1, d]
+    labels = label_of.repeat_interleave(per)
+    cfg = ProbeConfig(weight_decay=1e-4, max_iter=100)
+    leaky = probe_activations(acts, {"gender": labels}, cfg)
+    fair = probe_activations(acts, {"gender": labels}, cfg, groups=groups)
+    assert leaky.test_acc[0, 0] > 0.9                     # seen entities: memorised, looks decodable
+    assert fair.test_acc[0, 0] < 0.75                     # unseen entities: nothing general to decode
+    with pytest.raises(Exception, match="at least 2 distinct"):
+        group_split(["a"] * 5, 0.2, 0)
+
+
+def test_probe_command_split_by_a_field(tmp_path, capsys):
+    from analyses.probing import probe_command
+    from interpkit.errors import UserError
+    from interpkit.models import load_model
+
+    lm = load_model("tiny:gpt2")
+    res = probe_command("tiny:gpt2", "gp", ["gender"], positions="name", lm=lm, root=str(tmp_path), n=100,
+                        cfg=ProbeConfig(max_iter=30), split_by="name")
+    from tasks import get_task
+
+    names = get_task("gp")(lm.tokenizer, n=100, seed=0).meta["name"]
+    assert {names[i] for i in res.test_prompts.tolist()}.isdisjoint({names[i] for i in res.train_prompts.tolist()})
+    assert "split by name: held-out" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--split-by 'nom' is not a field"):
+        probe_command("tiny:gpt2", "gp", ["gender"], lm=lm, root=str(tmp_path), n=100, split_by="nom")
