@@ -383,6 +383,11 @@ def circle(task: str = typer.Option(..., help="days | months"),
            probe_on: str = typer.Option("cos,sin", help="Probe targets among cos, sin, linear (the paper's "
                                                          "--probe_on_cos/--probe_on_sin)."),
            intervene: bool = typer.Option(True, help="Run the interventions (--no-intervene: probe only)."),
+           methods: str = typer.Option("circle,layer,pca,mean", help="Intervention methods (a subset of "
+                                                                      "circle, layer, pca, mean)."),
+           targets_per_problem: int = typer.Option(None, help="Target values a' per problem (default all p - 1; "
+                                                             "fewer: a faster intervention sweep)."),
+           max_rows: int = typer.Option(1024, help="Rows per intervention forward (memory knob)."),
            sweep_layer: int = typer.Option(None, help="Intervene inside the circle at this layer (radius x angle)."),
            sweep_between: str = typer.Option("0,1", help="The sweep's two values, e.g. 0,1 (Monday to Tuesday)."),
            rgb_layers: str = typer.Option(None, help="Residual RGB plots / feature deconstruction at these layers."),
@@ -398,8 +403,13 @@ def circle(task: str = typer.Option(..., help="days | months"),
     between = _int_list(sweep_between) or []
     if len(between) != 2:
         raise UserError(f"--sweep-between {sweep_between!r}: give two values, e.g. 0,1")
+    if targets_per_problem is not None:
+        V.count("--targets-per-problem", targets_per_problem)
+    V.count("--max-rows", max_rows)
     cfg = CircleConfig(k=k, layers=_int_list(layers), seed=seed, role=role, intervene=intervene,
-                       probe_on=tuple(t.strip() for t in probe_on.split(",") if t.strip()))
+                       probe_on=tuple(t.strip() for t in probe_on.split(",") if t.strip()),
+                       methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                       targets_per_problem=targets_per_problem, max_rows=max_rows)
     circle_command(task, model, remote=remote, cfg=cfg, random_baseline=random_baseline, seed=seed,
                    sweep=None if sweep_layer is None else (sweep_layer, *between),
                    rgb_layers=_int_list(rgb_layers), rgb_role=rgb_role, root=out)

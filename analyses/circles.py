@@ -31,6 +31,7 @@ clean problems in the same batch.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -40,6 +41,7 @@ from interpkit.engine.run import run_session
 from analyses.probing import collect_residuals, random_like
 from interpkit.errors import UserError
 from interpkit.plots import finish
+from interpkit.progress import stage
 from interpkit.remote import ensure_shipped
 from interpkit.sites import site
 
@@ -437,6 +439,7 @@ def run_circles(lm, prompts, cfg: CircleConfig | None = None) -> CircleResult:
     values = values % period
     pos = prompts.roles[token]
     t0 = time.perf_counter()
+    print(f"circle probe: {len(prompts)} prompts, {n_layers + 1} residual layers at {token!r}", file=sys.stderr)
     acts = collect_residuals(lm, prompts, pos, chunk_rows=cfg.chunk_rows)            # [N, L+1, d]
     timings = {"activations_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -501,8 +504,12 @@ def _run_chunks(lm, clean: dict, chunks, cand) -> list[torch.Tensor]:
     if lm.remote:
         ensure_shipped()                    # our helpers travel by value: NDIF does not have them
         return [torch.as_tensor(o) for o in run_session(lm.model, trace_interventions, jobs, lm.remote)]
-    with torch.no_grad():
-        return [trace_interventions(lm.model, *job) for job in jobs]
+    outs = []
+    with torch.no_grad(), stage("circle interventions", len(jobs), "forwards") as bar:
+        for job in jobs:
+            outs.append(trace_interventions(lm.model, *job))
+            bar.advance()
+    return outs
 
 
 # ----------------------------------------------------------------------------------------------------
