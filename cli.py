@@ -358,15 +358,18 @@ def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family
           remote: bool = typer.Option(False, help="Collect activations on NDIF (one request)."),
           split_by: str = typer.Option(None, help="Keep each value of this field (e.g. name) wholly in train "
                                                   "or in test: an entity-level split."),
+          folds: int = typer.Option(1, help="K-fold cross-validation (every prompt, or --split-by group, "
+                                            "tested once) instead of one 80/20 split."),
           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Linear probes on the residual stream at every layer, split by prompt (or by entity: --split-by)."""
-    from analyses.probing import probe_command
+    from analyses.probing import ProbeConfig, probe_command
     from interpkit import validate as V
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
     V.probe_options(model, n, names, positions, seed)
+    V.count("--folds", folds)
     probe_command(model, _task_or_dataset(task, dataset), names, positions=positions, n=n, seed=seed, remote=remote,
-                  root=out, split_by=split_by)
+                  root=out, split_by=split_by, cfg=ProbeConfig(seed=seed, folds=folds))
 
 
 @app.command()

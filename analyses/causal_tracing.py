@@ -70,7 +70,7 @@ class TraceConfig:
     answer: str = "top1"            # "top1": the clean greedy prediction (ROME); "given": prompts.answer_ids
     max_rows: int = 1024            # rows per forward (memory knob)
     engine: str = "prefix"          # "prefix": skip work a restoration cannot change; "batched": full forwards
-    blocks: int = 3                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
+    blocks: int = 5                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
     facts_per_chunk: int = 8        # facts per stored chunk (and per remote request)
 
     def all_kinds(self) -> list[str]:

@@ -119,6 +119,7 @@ class ProbeConfig:
     standardize: bool = True
     max_train_rows: int | None = 50_000   # subsample train rows (positions) beyond this, seeded
     chunk_rows: int = 64              # rows per forward when collecting activations
+    folds: int = 1                    # > 1: K-fold cross-validation over prompts (or groups); every row tested once
 
     def validate(self) -> None:
         if not 0.0 < self.test_frac < 1.0:
@@ -127,6 +128,8 @@ class ProbeConfig:
             raise UserError(f"optimizer {self.optimizer!r}: use lbfgs or adam")
         if self.weight_decay < 0 or self.max_iter < 1:
             raise UserError("weight_decay must be >= 0 and max_iter >= 1")
+        if self.folds < 1:
+            raise UserError(f"--folds must be >= 1 (got {self.folds})")
 
 
 def prompt_split(n_prompts: int, test_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +153,21 @@ def group_split(groups: list, test_frac: float, seed: int) -> tuple[torch.Tensor
     test = torch.tensor([i for i, g in enumerate(groups) if g in held])
     train = torch.tensor([i for i, g in enumerate(groups) if g not in held])
     return train, test
+
+
+def group_folds(groups: list, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K (train, test) splits with every group wholly on one side and every group tested exactly once."""
+    names = sorted(set(groups), key=str)
+    if len(names) < k:
+        raise UserError(f"{k} folds need at least {k} distinct groups, got {len(names)}; use fewer --folds")
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold_of = {names[j]: r % k for r, j in enumerate(order)}
+    out = []
+    for f in range(k):
+        test = torch.tensor([i for i, g in enumerate(groups) if fold_of[g] == f])
+        train = torch.tensor([i for i, g in enumerate(groups) if fold_of[g] != f])
+        out.append((train, test))
+    return out
 
 
 def _rows(acts: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor):
@@ -277,7 +295,10 @@ def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: 
     cfg = cfg or ProbeConfig()
     cfg.validate()
     N, L = acts.shape[:2]
-    train_p, test_p = prompt_split(N, cfg.test_frac, cfg.seed) if groups is None else group_split(groups, cfg.test_frac, cfg.seed)
+    if cfg.folds > 1:
+        splits = group_folds(groups if groups is not None else list(range(N)), cfg.folds, cfg.seed)
+    else:
+        splits = [prompt_split(N, cfg.test_frac, cfg.seed) if groups is None else group_split(groups, cfg.test_frac, cfg.seed)]
     shape = (len(labels), L)
     train_acc, test_acc, chance = torch.zeros(shape), torch.zeros(shape), torch.zeros(len(labels))
     n_rows, t0 = {}, time.perf_counter()
@@ -286,18 +307,26 @@ def probe_activations(acts: torch.Tensor, labels: dict[str, torch.Tensor], cfg: 
         if lab.shape != acts.shape[:1] + acts.shape[2:-1]:
             raise UserError(f"labels {name!r} have shape {tuple(lab.shape)}; expected "
                             f"{tuple(acts.shape[:1] + acts.shape[2:-1])} to match the activations")
-        Xtr, ytr = _rows(acts, lab, train_p)
-        Xte, yte = _rows(acts, lab, test_p)
-        if len(ytr) == 0 or len(yte) == 0:
-            raise UserError(f"target {name!r} has no labelled rows in train or test; check the labels")
-        if cfg.max_train_rows is not None and len(ytr) > cfg.max_train_rows:
-            keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_train_rows]
-            Xtr, ytr = Xtr[keep], ytr[keep]
-        probes = fit_probes(Xtr, ytr, cfg)
-        train_acc[i] = (probes.predict(Xtr) == ytr[:, None]).float().mean(0)
-        test_acc[i] = (probes.predict(Xte) == yte[:, None]).float().mean(0)
-        chance[i] = torch.bincount(yte).max().float() / len(yte)      # best constant guess on the test rows
-        n_rows[name] = (len(ytr), len(yte))
+        classes = torch.unique(lab[lab != IGNORE])
+        correct, tested, seen, all_test = torch.zeros(L), 0, 0, []
+        for train_p, test_p in splits:
+            Xtr, ytr = _rows(acts, lab, train_p)
+            Xte, yte = _rows(acts, lab, test_p)
+            if len(ytr) == 0 or len(yte) == 0:
+                raise UserError(f"target {name!r} has no labelled rows in train or test; check the labels")
+            if cfg.max_train_rows is not None and len(ytr) > cfg.max_train_rows:
+                keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_train_rows]
+                Xtr, ytr = Xtr[keep], ytr[keep]
+            probes = fit_probes(Xtr, ytr, cfg, classes if cfg.folds > 1 else None)
+            train_acc[i] += (probes.predict(Xtr) == ytr[:, None]).float().mean(0) / len(splits)
+            correct += (probes.predict(Xte) == yte[:, None]).float().sum(0)
+            tested, seen = tested + len(yte), seen + len(ytr)
+            all_test.append(yte)
+        test_acc[i] = correct / tested
+        yte = torch.cat(all_test)
+        chance[i] = torch.unique(yte, return_counts=True)[1].max().float() / len(yte)   # best constant guess
+        n_rows[name] = (seen // len(splits), tested)
+    train_p, test_p = splits[0] if len(splits) == 1 else (torch.zeros(0, dtype=torch.long), torch.arange(N))
     return ProbeResult(targets=list(labels), layers=list(range(L)), train_acc=train_acc, test_acc=test_acc,
                        chance=chance, train_prompts=train_p, test_prompts=test_p, n_rows=n_rows, config=cfg,
                        timings={"fit_s": time.perf_counter() - t0})
@@ -508,15 +537,17 @@ def probe_command(model: str, task: str, targets: list[str], *, positions: str =
     for k, v in res.timings.items():
         store.time(k, v)
     best = {t: {"layer": res.best_layer(t), "test_acc": float(res.test_acc[i].max())} for i, t in enumerate(res.targets)}
-    store.finish(best=best, figure="probe.png", n_rows=res.n_rows,
-                 split={"by": split_by or "prompt", "train_prompts": len(res.train_prompts),
-                        "test_prompts": len(res.test_prompts),
-                        **({"test_groups": sorted({str(groups[i]) for i in res.test_prompts.tolist()})}
-                           if groups is not None else {})})
-    split = f"by {split_by}: held-out {', '.join(sorted({str(groups[i]) for i in res.test_prompts.tolist()}))}" \
-        if groups is not None else "by prompt"
-    print(f"split {split}; prompts train {len(res.train_prompts)} / test {len(res.test_prompts)}; rows "
-          + ", ".join(f"{t} {a}/{b}" for t, (a, b) in res.n_rows.items()))
+    held = sorted({str(groups[i]) for i in res.test_prompts.tolist()}) if groups is not None else []
+    split = {"by": split_by or "prompt", "folds": cfg.folds, "train_prompts": len(res.train_prompts),
+             "test_prompts": len(res.test_prompts), **({"test_groups": held} if groups is not None and cfg.folds == 1 else {})}
+    store.finish(best=best, figure="probe.png", n_rows=res.n_rows, split=split)
+    if cfg.folds > 1:
+        where = f"{cfg.folds}-fold cross-validation by {split_by or 'prompt'}" + (
+            f" ({len(set(groups))} groups, each tested once)" if groups is not None else "")
+    else:
+        where = f"split by {split_by}: held-out {', '.join(held)}" if groups is not None else "split by prompt"
+        where += f"; prompts train {len(res.train_prompts)} / test {len(res.test_prompts)}"
+    print(f"{where}; rows (train/test) " + ", ".join(f"{t} {a}/{b}" for t, (a, b) in res.n_rows.items()))
     print(summary_table(res))
     print(f"results: {store.dir}")
     return res

@@ -261,6 +261,18 @@ def test_entity_split_keeps_each_entity_on_one_side_and_stops_memorisation():
     assert fair.test_acc[0, 0] < 0.75                     # unseen entities: nothing general to decode
     with pytest.raises(Exception, match="at least 2 distinct"):
         group_split(["a"] * 5, 0.2, 0)
+    # K-fold by entity: every entity tested exactly once, never in its own training set; same verdict
+    from analyses.probing import group_folds
+
+    folds = group_folds(groups, 5, seed=0)
+    tested = torch.cat([te for _, te in folds]).sort().values
+    assert torch.equal(tested, torch.arange(E * per))
+    for tr, te in folds:
+        assert {groups[i] for i in tr.tolist()}.isdisjoint({groups[i] for i in te.tolist()})
+    cv = probe_activations(acts, {"gender": labels}, ProbeConfig(weight_decay=1e-4, max_iter=100, folds=5), groups=groups)
+    assert cv.n_rows["gender"][1] == E * per and cv.test_acc[0, 0] < 0.75
+    cv_leaky = probe_activations(acts, {"gender": labels}, ProbeConfig(weight_decay=1e-4, max_iter=100, folds=5))
+    assert cv_leaky.test_acc[0, 0] > 0.9
 
 
 def test_probe_command_split_by_a_field(tmp_path, capsys):
