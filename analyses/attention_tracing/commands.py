@@ -26,6 +26,7 @@ import numpy as np
 from analyses.attention_tracing import graphs as gr
 from analyses.attention_tracing.trace import TraceConfig, TraceResult, trace_prompts
 from interpkit.errors import UserError
+from interpkit.progress import stage
 
 ANALYSIS = "attn_trace"
 _FIELDS = ("prompt", "layer", "head", "dest", "src", "n_selected", "rank", "total", "selected_total", "bias",
@@ -86,9 +87,12 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
     omega = Omega(lm.arch, model, lm.revision, cache_dir=cache_dir or default_cache_dir(), center=center)
     echo(f"attn-trace {task} ({len(prompts)} prompts) on {model}{', remote' if remote else ''}: run {store.dir}")
 
+    reused = [0]
+
     def skip(i):
         if not store.has_chunk(i):
             return None
+        reused[0] += 1
         recs, rows, status = _arrays_to_records(store.read_chunk(i))
         graphs = [gr.read_graphml(_graph_path(store.dir, p)) if s == "traced" else None for p, s in zip(rows, status)]
         return graphs, status, recs
@@ -96,6 +100,7 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
     clock = [time.perf_counter()]
 
     def on_batch(i, rows, graphs, status, records):
+        bar.advance(len(rows))
         for pid, G in zip(rows, graphs):
             if G is not None:
                 gr.write_graphml(G, _graph_path(store.dir, pid))
@@ -104,7 +109,10 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
         store.write_chunk(i, _records_to_arrays(records, rows, status), seconds=now - clock[0])
         clock[0] = now
 
-    res = trace_prompts(lm, prompts, cfg, omega=omega, on_batch=on_batch, skip=skip)
+    with stage("attention-causal tracing", len(prompts), "prompts") as bar:
+        res = trace_prompts(lm, prompts, cfg, omega=omega, on_batch=on_batch, skip=skip)
+    if reused[0]:
+        echo(f"reused {reused[0]} stored batch(es) of {cfg.batch_size} prompts")
     if not res.traced:
         why = ", ".join(f"{s}: {res.status.count(s)}" for s in sorted(set(res.status)))
         raise UserError(f"none of the {len(res.status)} prompts qualified for tracing ({why}); pass "
@@ -350,7 +358,6 @@ def _sweep(run_dir, manifest, remote, min_prompts, thresholds, reference, includ
 
     from analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
     from analyses.attention_tracing.studies import plot_sweep, threshold_sweep
-    from interpkit.progress import stage
 
     path = run_dir / "interventions.csv"
     if not path.exists():
@@ -411,7 +418,6 @@ def _sparsity(run_dir: Path, manifest: dict, echo) -> dict:
 def _control(run_dir, manifest, remote, attn_thresh, similarity, cluster_threshold, default_src, max_prompts,
              cache_dir, echo) -> dict:
     from analyses.attention_tracing.studies import cluster_signals, control_heads, firing_signals, plot_control
-    from interpkit.progress import stage
 
     if not 0 < attn_thresh <= 1 or not 0 < similarity <= 2 or not 0 < cluster_threshold <= 2:
         raise UserError("--attn-thresh must be in (0, 1], --similarity and --cluster-threshold in (0, 2]")

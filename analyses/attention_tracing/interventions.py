@@ -32,6 +32,7 @@ import torch
 from analyses.attention_tracing.decompose import collect, decompose, load_weights
 from analyses.attention_tracing.signals import edge_signal, raw_scores
 from interpkit.metrics import logit_diff
+from interpkit.progress import stage
 
 
 @dataclass
@@ -113,8 +114,11 @@ def apply_edits(lm, omega, prompts, edits: list[Edit], max_rows: int = 64, decs:
         by_prompt.setdefault(e.prompt, []).append(e)
     decs = decompose_prompts(lm, omega, prompts, sorted(by_prompt), decs)
     rows = []
-    for chunk in _chunks(by_prompt, max_rows):
-        rows += _run_chunk(lm, omega, prompts, chunk, decs)
+    chunks = list(_chunks(by_prompt, max_rows))
+    with stage("edge interventions", len(chunks), "forwards") as bar:
+        for chunk in chunks:
+            rows += _run_chunk(lm, omega, prompts, chunk, decs)
+            bar.advance()
     return pd.DataFrame(rows)
 
 
