@@ -105,7 +105,7 @@ def run_attribution(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | No
     source_v = torch.cat([s for s, _ in scores])
     base_v = torch.cat([b for _, b in scores])
     per_pos = torch.cat(contrib, dim=1).permute(1, 0, 2, 3)        # [P, layers, T, H or 1]
-    values = inp.fold(base_v[:, None, None] + _cell_sums(cfg, per_pos, cells, T, H))
+    values = inp.fold(base_v[:, None, None] + _cell_sums(cfg, per_pos, cells, T))
     base_v, source_v = inp.fold(base_v), inp.fold(source_v)
     if cfg.mode == "deletion":
         source_v = torch.zeros_like(base_v)
@@ -114,7 +114,7 @@ def run_attribution(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | No
                        method="attribution")
 
 
-def _cell_sums(cfg: PatchConfig, per_pos: torch.Tensor, cells: list[int], T: int, H: int) -> torch.Tensor:
+def _cell_sums(cfg: PatchConfig, per_pos: torch.Tensor, cells: list[int], T: int) -> torch.Tensor:
     """Sum per-position (per-head) contributions over each cell's region: [P, layers, cells]."""
     if cfg.by == "head":
         return per_pos.sum(2)[..., cells]                             # a head at every position

@@ -269,7 +269,7 @@ def _ct_forwards(lm, fact, args):
     L = lm.arch.n_layers
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)
     noise = CT.fact_noise(cfg, fact, lm.arch.d_model, args.level)
-    jobs = CT._jobs(fact, noise, rest, cfg, L, -1)
+    jobs = CT._jobs(fact, noise, rest, cfg, L, torch.tensor([-1]))   # -1: the clean top-1
     rows = [int(job[2].shape[0]) for job, _ in jobs]
     k = min(args.ct_forwards, len(jobs))
     pick = sorted({round(i * (len(jobs) - 1) / max(k - 1, 1)) for i in range(k)})

@@ -266,7 +266,7 @@ def topic_word_matrix(cfg: TrainConfig):
     return rng.dirichlet(np.full(symmetric_group(cfg.n).size, cfg.beta), size=cfg.n_topics)
 
 
-def make_batch(cfg: TrainConfig, step: int, tokenizer, token_maps: tuple,
+def make_batch(cfg: TrainConfig, step: int, token_maps: tuple,
                length: int | None = None, topic_word=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of ``step``: a function of (seed, step, length) only. ``next_token`` reads
     topic-model stories (``topic_word``: the run's matrix, default ``topic_word_matrix(cfg)``)."""
@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
                 rec.update(val_loss=round(v_loss, 5), val_acc=round(v_acc, 4))
                 if cfg.supervision == "direct_state":
                     ev = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                                  seed=cfg.seed + _EVAL_SEED_OFFSET, restrict_parity=False, dtype=cfg.dtype)
+                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype)
                     rec.update(eval_min_acc=round(ev["min_state_acc"], 4), eval_acc=round(ev["mean_state_acc"], 4),
                                eval_parity=round(ev["mean_parity_acc"], 4))
                     final_eval = ev
@@ -539,7 +539,7 @@ def validation_loss(model, tokenizer, cfg: TrainConfig, maps=None, topic_word=No
     held = replace(cfg, seed=cfg.seed + _EVAL_SEED_OFFSET, batch_size=cfg.eval_stories, min_len=None)
     if cfg.supervision == "next_token" and topic_word is None:
         topic_word = topic_word_matrix(cfg)
-    ids, labels = make_batch(held, 0, tokenizer, maps or _token_maps(tokenizer, cfg.n), cfg.train_len, topic_word)
+    ids, labels = make_batch(held, 0, maps or _token_maps(tokenizer, cfg.n), cfg.train_len, topic_word)
     with _autocast(cfg):
         logits = model(input_ids=ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -558,7 +558,7 @@ def _comparable(cfg: TrainConfig, saved: dict) -> TrainConfig:
 
 def _train_step(model, opt, cfg: TrainConfig, step: int, length: int, tok, maps,
                 topic_word=None) -> tuple[float, float, float]:
-    ids, labels = make_batch(cfg, step, tok, maps, length, topic_word)
+    ids, labels = make_batch(cfg, step, maps, length, topic_word)
     pos = random_position_ids(cfg, step, ids.shape[0], ids.shape[1])
     for g in opt.param_groups:
         g["lr"] = cfg.lr_at(step)
@@ -681,7 +681,7 @@ def train_command(recipe: str | None, output_dir: str, options: dict, *, resume:
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int = 1000, seed: int = 12345,
-             batch_size: int = 256, restrict_parity: bool = False, dtype: str = "float32",
+             batch_size: int = 256, dtype: str = "float32",
              skip_layers: list[int] | None = None) -> dict:
     """State and parity accuracy per position on ``n_stories`` fresh random stories of ``length``.
 

@@ -84,11 +84,11 @@ def test_supervisions_and_batches(tmp_path):
     maps = _token_maps(tok, 3)
     f = tmp_path / "mapping.json"
     f.write_text(json.dumps(np.eye(6)[[1, 3]].tolist()))
-    ids, labels = make_batch(tiny(supervision="next_token", topic_mapping=str(f)), 0, tok, maps, 6)
+    ids, labels = make_batch(tiny(supervision="next_token", topic_mapping=str(f)), 0, maps, 6)
     perms = {int(tok.convert_tokens_to_ids(symmetric_group(3).strings[i])) for i in (1, 3)}
     assert set(ids.unique().tolist()) <= perms                  # topic-model stories, not random actions
     assert torch.equal(labels[:, :-1], ids[:, 1:]) and (labels[:, -1] == -100).all()
-    _, par = make_batch(tiny(supervision="parity"), 0, tok, maps, 6)
+    _, par = make_batch(tiny(supervision="parity"), 0, maps, 6)
     assert set(par.unique().tolist()) <= set(tok.convert_tokens_to_ids(["0", "1"]))
     cfg = tiny(min_len=2, random_positions=20)
     lens = {step_length(cfg, s, 6) for s in range(60)}

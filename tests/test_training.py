@@ -39,9 +39,9 @@ def test_batches_depend_only_on_seed_and_step():
     from interpkit.training import _token_maps
     maps = _token_maps(tok, 3)
     cfg = tiny(None)
-    a, b = make_batch(cfg, 5, tok, maps), make_batch(cfg, 5, tok, maps)
+    a, b = make_batch(cfg, 5, maps), make_batch(cfg, 5, maps)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(make_batch(cfg, 6, tok, maps)[0], a[0])
+    assert not torch.equal(make_batch(cfg, 6, maps)[0], a[0])
     ids, labels = a
     # direct_state labels are the state tokens in the same vocabulary
     assert set(labels.unique().tolist()) <= set(perm_token_ids(tok, 3).tolist())
