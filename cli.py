@@ -406,8 +406,7 @@ def circle(task: str = typer.Option(..., help="days | months"),
     between = _int_list(sweep_between) or []
     if len(between) != 2:
         raise UserError(f"--sweep-between {sweep_between!r}: give two values, e.g. 0,1")
-    if targets_per_problem is not None:
-        V.count("--targets-per-problem", targets_per_problem)
+    V.count("--targets-per-problem", targets_per_problem)
     V.count("--max-rows", max_rows)
     cfg = CircleConfig(k=k, layers=_int_list(layers), seed=seed, role=role, intervene=intervene,
                        probe_on=tuple(t.strip() for t in probe_on.split(",") if t.strip()),

@@ -219,7 +219,7 @@ def sweep_inputs(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None 
         raise UserError(f"multi-token answers are scored by summed log-probability; --metric {cfg.metric} "
                         f"reads one token, use --metric logit_diff")
     seqs = prompts.sequences("answer")
-    stacked = prompts.wrong_ids is not None and all(prompts.meta.get("wrong_seq") or [])
+    stacked = prompts.wrong_ids is not None
     if stacked:
         seqs = seqs + prompts.sequences("wrong")
     batches = []

@@ -142,17 +142,21 @@ def prompt_split(n_prompts: int, test_frac: float, seed: int) -> tuple[torch.Ten
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 
+def _by_group(groups: list, in_test) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) prompt indices: a prompt is tested when ``in_test(its group)``."""
+    test = torch.tensor([i for i, g in enumerate(groups) if in_test(g)], dtype=torch.long)
+    train = torch.tensor([i for i, g in enumerate(groups) if not in_test(g)], dtype=torch.long)
+    return train, test
+
+
 def group_split(groups: list, test_frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) prompt indices with every group (e.g. a name) wholly on one side, so a probe cannot
     pass by recognising an entity it saw in training; about ``test_frac`` of the groups are held out."""
     names = sorted(set(groups), key=str)
     if len(names) < 2:
         raise UserError(f"an entity-level split needs at least 2 distinct values, got {len(names)}")
-    _, held_idx = prompt_split(len(names), test_frac, seed)
-    held = {names[int(i)] for i in held_idx}
-    test = torch.tensor([i for i, g in enumerate(groups) if g in held])
-    train = torch.tensor([i for i, g in enumerate(groups) if g not in held])
-    return train, test
+    held = {names[int(i)] for i in prompt_split(len(names), test_frac, seed)[1]}
+    return _by_group(groups, held.__contains__)
 
 
 def group_folds(groups: list, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,12 +166,7 @@ def group_folds(groups: list, k: int, seed: int) -> list[tuple[torch.Tensor, tor
         raise UserError(f"{k} folds need at least {k} distinct groups, got {len(names)}; use fewer --folds")
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     fold_of = {names[j]: r % k for r, j in enumerate(order)}
-    out = []
-    for f in range(k):
-        test = torch.tensor([i for i, g in enumerate(groups) if fold_of[g] == f])
-        train = torch.tensor([i for i, g in enumerate(groups) if fold_of[g] != f])
-        out.append((train, test))
-    return out
+    return [_by_group(groups, lambda g, f=f: fold_of[g] == f) for f in range(k)]
 
 
 def _rows(acts: torch.Tensor, labels: torch.Tensor, prompts: torch.Tensor):

@@ -172,17 +172,19 @@ def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family)
     log-probability of the answer minus the wrong answer (checked against the scoring tool), and the
     default engine equals the plain full-forward engine on every cell."""
     from analyses.patching import PatchConfig, run_patching
-    from analyses.tools.scoring import trace_logprobs
     from tasks.base import append_tokens
 
     lm = tiny(family)
     ps, rep = read_dataset(write(tmp_path / "pairs.jsonl", PAIRS), lm.tokenizer)
     assert len(ps) == 2 and ps.multi_token, rep.line()
 
-    def logprob(corrupted: bool, which: str) -> torch.Tensor:
+    def logprob(corrupted: bool, which: str) -> torch.Tensor:      # plain HF forward, all logits
         inputs, ans = append_tokens(ps.batch(corrupted=corrupted), ps.sequences(which))
+        T = ps.input_ids.shape[1]
         with torch.no_grad():
-            return trace_logprobs(lm.model, inputs, ans, ps.input_ids.shape[1])
+            logp = lm.hf(**inputs).logits.float().log_softmax(-1)
+        return torch.stack([sum(logp[b, T - 1 + j, t] for j, t in enumerate(row.tolist()) if t >= 0)
+                            for b, row in enumerate(ans)])
 
     fast = run_patching(lm, ps, PatchConfig(site="resid_pre"))
     slow = run_patching(lm, ps, PatchConfig(site="resid_pre", engine="full"))

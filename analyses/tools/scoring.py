@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from interpkit.metrics import seq_logprob
 from tasks.base import append_tokens
 
 
-def trace_logprobs(model, inputs: dict, ans: torch.Tensor, start: int, remote=False) -> torch.Tensor:
-    """Summed log-probability of ``ans`` [B, L] (-1 padded) read at positions start-1 .. start+L-2."""
-    with model.trace(inputs, remote=remote):
-        L = ans.shape[1]
-        logp = model.output.logits[:, start - 1:start - 1 + L].float().log_softmax(-1)
-        picked = logp.gather(-1, ans.clamp_min(0)[..., None])[..., 0]
-        total = (picked * (ans >= 0)).sum(-1).detach().cpu().save()
+def trace_logprobs(model, inputs: dict, ans: torch.Tensor, remote=False) -> torch.Tensor:
+    """Summed log-probability of ``ans`` [B, K] (-1 padded), the tokens that end ``inputs``."""
+    with model.trace(inputs, remote=remote, logits_to_keep=ans.shape[1] + 1):
+        total = seq_logprob(model.output.logits, ans).detach().cpu().save()
     return total
 
 
@@ -32,4 +30,4 @@ def answer_logprobs(lm, prompts, which: str = "answer") -> torch.Tensor:
     if lm.remote:
         ensure_shipped()
     with torch.no_grad():
-        return trace_logprobs(lm.model, inputs, ans, prompts.input_ids.shape[1], remote=lm.remote)
+        return trace_logprobs(lm.model, inputs, ans, remote=lm.remote)
