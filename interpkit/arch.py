@@ -7,6 +7,7 @@ query before rotary; the same for keys. This is what Omega = W_Q W_K^T is built 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,45 +55,57 @@ class Arch:
                    n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads, d_model=d_model,
                    d_head=d_head, rotary=family.rotary, rotary_dim=rotary_dim)
 
-    # -- raw modules (for weights; traces use the nnsight envoys) --------------------------------
+    # -- raw modules (for weights; traces use the nnsight envoys); paths come from the Family record --
+    def decoder(self) -> torch.nn.Module:
+        """The base model under the LM head: embeddings, blocks, final norm, rotary embedding."""
+        return functools.reduce(getattr, self.family.decoder.split("."), self.hf)
+
     def _blocks(self) -> torch.nn.ModuleList:
-        base = getattr(self.hf, "transformer", None) or getattr(self.hf, "gpt_neox", None) or self.hf.model
-        return base.h if hasattr(base, "h") else base.layers
+        return getattr(self.decoder(), self.family.blocks)
 
     def block(self, layer: int) -> torch.nn.Module:
         return self._blocks()[layer]
 
     def attn_module(self, layer: int) -> torch.nn.Module:
-        b = self.block(layer)
-        return getattr(b, "attn", None) or getattr(b, "attention", None) or b.self_attn
+        return getattr(self.block(layer), self.family.attn)
 
     def attn_norm(self, layer: int) -> torch.nn.Module:
-        b = self.block(layer)
-        return getattr(b, "ln_1", None) or b.input_layernorm
+        return getattr(self.block(layer), self.family.attn_norm)
+
+    def post_attn_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm between the attention output and the residual add (Gemma-2), else None."""
+        name = self.family.post_attn_norm
+        return None if name is None else getattr(self.block(layer), name)
+
+    def final_norm(self) -> torch.nn.Module:
+        return getattr(self.decoder(), self.family.final_norm)
+
+    def o_proj(self, layer: int) -> torch.nn.Module:
+        return getattr(self.attn_module(layer), self.family.o_proj)
 
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         """W_O as [n_heads, d_head, d_model]: head h writes z_h @ W_O[h] into the residual."""
-        a = self.attn_module(layer)
-        if self.family.name == "gpt2":
-            W = a.c_proj.weight                            # Conv1D: [d_in, d_out]
-        else:
-            W = (a.dense if hasattr(a, "dense") else a.o_proj).weight.T
+        W = self.o_proj(layer).weight
+        W = W if self.family.conv1d else W.T                # Conv1D stores [d_in, d_out]
         return W.reshape(self.n_heads, self.d_head, self.d_model)
 
     def o_proj_bias(self, layer: int) -> torch.Tensor:
-        a = self.attn_module(layer)
-        m = a.c_proj if self.family.name == "gpt2" else (a.dense if hasattr(a, "dense") else a.o_proj)
+        m = self.o_proj(layer)
         return m.bias if m.bias is not None else torch.zeros(self.d_model, dtype=m.weight.dtype)
 
+    def softcap(self, layer: int) -> float | None:
+        """The attention-logit soft-cap (Gemma-2), None for families without one."""
+        name = self.family.softcap_attr
+        return None if name is None else getattr(self.attn_module(layer), name, None)
+
     # -- attention geometry ------------------------------------------------------------------------
+    def attn_eps(self, layer: int) -> float:
+        return norm_eps(self.attn_norm(layer))
+
     def normalize(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """n(x): the attention norm of ``layer`` without its gain/bias (those live in ``qk``)."""
-        ln = self.attn_norm(layer)
-        eps = getattr(ln, "eps", None) or getattr(ln, "variance_epsilon", None) or 1e-6
-        xf = x.float()
-        if self.family.norm == "layernorm":
-            xf = xf - xf.mean(-1, keepdim=True)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        xc, ms = norm_moments(x.float(), self.family.norm, self.attn_eps(layer))
+        return (xc * torch.rsqrt(ms)).to(x.dtype)
 
     def qk(self, layer: int) -> QK:
         """Folded W_Q, b_Q, W_K, b_K of ``layer`` (see module docstring)."""
@@ -101,13 +114,12 @@ class Arch:
         gain = ln.weight.float() + self.family.norm_offset
         shift = getattr(ln, "bias", None)
         shift = torch.zeros(d) if shift is None else shift.float()
-        Wq, bq, Wk, bk = _raw_qk(a, self.family.name, H, Hkv, dh, d)   # [d, H*dh] layouts
+        Wq, bq, Wk, bk = raw_qk(a, self.family.qk_layout, self.family.qkv, H, Hkv, dh, d)   # [d, H*dh]
         fold = lambda W, b, n: ((gain[:, None] * W).T.reshape(n, dh, d).transpose(1, 2),  # noqa: E731
                                 (shift @ W + b).reshape(n, dh))
         W_Q, b_Q = fold(Wq, bq, H)
         W_K, b_K = fold(Wk, bk, Hkv)
-        return QK(W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, scale=self._scale(a, layer),
-                  softcap=getattr(a, "attn_logit_softcapping", None) if self.family.name == "gemma2" else None)
+        return QK(W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, scale=self._scale(a, layer), softcap=self.softcap(layer))
 
     def _scale(self, attn: torch.nn.Module, layer: int) -> float:
         if hasattr(attn, "scaling"):
@@ -122,8 +134,7 @@ class Arch:
         """Apply the model's rotary embedding to per-head vectors x [..., T, d_head] at ``positions`` [T]."""
         if not self.rotary:
             return x
-        base = getattr(self.hf, "gpt_neox", None) or self.hf.model
-        cos, sin = base.rotary_emb(x.float(), positions[None].long())           # [1, T, rot]
+        cos, sin = self.decoder().rotary_emb(x.float(), positions[None].long())           # [1, T, rot]
         cos, sin = cos[0], sin[0]
         r = self.rotary_dim
         xr, xp = x[..., :r].float(), x[..., r:]
@@ -148,23 +159,60 @@ class Arch:
         return head
 
 
-def _raw_qk(a: torch.nn.Module, family: str, H: int, Hkv: int, dh: int, d: int):
-    """Unfolded (W_Q, b_Q, W_K, b_K) as [d, H*dh] / [H*dh] matrices acting as x @ W + b."""
-    zeros = lambda n: torch.zeros(n)  # noqa: E731
-    if family == "gpt2":                                   # Conv1D c_attn: [d, 3d], q|k|v blocks
-        W, b = a.c_attn.weight.float(), a.c_attn.bias.float()
-        return W[:, :d], b[:d], W[:, d:2 * d], b[d:2 * d]
-    if family == "neox":                                   # Linear [3d, d], per head (q|k|v) interleaved
-        W = a.query_key_value.weight.float().reshape(H, 3, dh, d)
-        b = a.query_key_value.bias
-        b = zeros(3 * H * dh) if b is None else b.float()
-        b = b.reshape(H, 3, dh)
-        return (W[:, 0].reshape(H * dh, d).T, b[:, 0].reshape(-1),
-                W[:, 1].reshape(H * dh, d).T, b[:, 1].reshape(-1))
-    q, k = a.q_proj, a.k_proj                              # Llama / Gemma-2 / Mistral
-    bq = zeros(H * dh) if q.bias is None else q.bias.float()
-    bk = zeros(Hkv * dh) if k.bias is None else k.bias.float()
-    return q.weight.float().T, bq, k.weight.float().T, bk
+def norm_eps(module: torch.nn.Module) -> float:
+    """A LayerNorm's / RMSNorm's epsilon (HF spells it ``eps`` or ``variance_epsilon``)."""
+    return float(getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-6)
+
+
+def norm_moments(x: torch.Tensor, norm: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x centred for LayerNorm / as is for RMSNorm, mean square + eps [..., 1]): n(x) = x_c / sqrt(ms).
+
+    The one place a norm kind changes the arithmetic; callers pick sqrt or rsqrt (and the dtype).
+    """
+    if norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return x, x.pow(2).mean(-1, keepdim=True) + eps
+
+
+def raw_qk(a, layout: str, names: tuple[str, ...], H: int, Hkv: int, dh: int, d: int,
+           dtype: torch.dtype = torch.float32):
+    """Unfolded (W_Q, b_Q, W_K, b_K) as [d, H*dh] / [H*dh] matrices acting as x @ W + b, in ``dtype``.
+
+    ``a`` is an attention module, or its envoy inside an NDIF session (torch only); ``layout`` and
+    ``names`` are the family's ``qk_layout`` and ``qkv``.
+    """
+    return QK_READERS[layout](a, names, H, Hkv, dh, d, dtype)
+
+
+def _bias(m, n: int, dtype: torch.dtype) -> torch.Tensor:
+    b = m.bias
+    return torch.zeros(n, dtype=dtype) if b is None else b.to(dtype)
+
+
+def _qk_fused_conv1d(a, names, H, Hkv, dh, d, dtype):
+    """GPT-2: one Conv1D [d, 3d], output blocks q | k | v."""
+    m = getattr(a, names[0])
+    W, b = m.weight.to(dtype), m.bias.to(dtype)
+    return W[:, :d], b[:d], W[:, d:2 * d], b[d:2 * d]
+
+
+def _qk_neox_interleaved(a, names, H, Hkv, dh, d, dtype):
+    """GPT-NeoX: one Linear [3d, d], per head (q | k | v) interleaved."""
+    m = getattr(a, names[0])
+    W = m.weight.to(dtype).reshape(H, 3, dh, d)
+    b = _bias(m, 3 * H * dh, dtype).reshape(H, 3, dh)
+    return (W[:, 0].reshape(H * dh, d).T, b[:, 0].reshape(-1),
+            W[:, 1].reshape(H * dh, d).T, b[:, 1].reshape(-1))
+
+
+def _qk_separate(a, names, H, Hkv, dh, d, dtype):
+    """Llama / Gemma-2 / Mistral: separate q_proj [H*dh, d] and k_proj [Hkv*dh, d] Linears."""
+    q, k = getattr(a, names[0]), getattr(a, names[1])
+    return q.weight.to(dtype).T, _bias(q, H * dh, dtype), k.weight.to(dtype).T, _bias(k, Hkv * dh, dtype)
+
+
+QK_READERS = {"fused_conv1d": _qk_fused_conv1d, "neox_interleaved": _qk_neox_interleaved,
+              "separate": _qk_separate}
 
 
 def attention_scores(arch: Arch, resid_pre: torch.Tensor, layer: int) -> torch.Tensor:

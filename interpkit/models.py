@@ -42,27 +42,20 @@ class LoadedModel:
 
 
 def tiny_config(family: str, vocab_size: int, *, n_layers: int = 3, d_model: int = 64, n_heads: int = 4):
-    """A small config of the real architecture (GQA with 2 KV heads for the Llama-style families)."""
-    import transformers as T
+    """A small config of the real architecture, from the family's ``Tiny`` record (GQA with 2 KV heads
+    for the Llama-style families)."""
+    import transformers
 
-    common = dict(vocab_size=vocab_size, max_position_embeddings=256)
-    if family == "gpt2":
-        return T.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, vocab_size=vocab_size,
-                            n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            bos_token_id=None, eos_token_id=None)
-    if family == "neox":
-        return T.GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
-                               intermediate_size=4 * d_model, rotary_pct=0.5, **common)
-    kw = dict(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
-              num_key_value_heads=n_heads // 2, intermediate_size=2 * d_model, **common)
-    if family == "llama":
-        return T.LlamaConfig(**kw)
-    if family == "gemma2":
-        return T.Gemma2Config(head_dim=d_model // n_heads, sliding_window=256, query_pre_attn_scalar=d_model // n_heads,
-                              **kw)
-    if family == "mistral":
-        return T.MistralConfig(sliding_window=None, **kw)
-    raise UserError(f"unknown tiny family {family!r}; use one of: {', '.join('tiny:' + f for f in FAMILIES)}")
+    tiny = _family(family).tiny
+    sizes = dict(vocab_size=vocab_size, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                 n_kv_heads=n_heads // tiny.kv_groups, d_head=d_model // n_heads, d_ff=tiny.ffn_mult * d_model)
+    return getattr(transformers, tiny.config)(**{k: sizes[v] for k, v in tiny.sizes.items()}, **tiny.fixed)
+
+
+def _family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown tiny model 'tiny:{name}'; use one of: {', '.join('tiny:' + f for f in FAMILIES)}")
+    return FAMILIES[name]
 
 
 def build_tiny(family: str, seed: int = TINY_SEED):
@@ -71,9 +64,7 @@ def build_tiny(family: str, seed: int = TINY_SEED):
 
     from interpkit.tokenizers import build_tokenizer
 
-    if family not in FAMILIES:
-        raise UserError(f"unknown tiny model 'tiny:{family}'; use one of: {', '.join('tiny:' + f for f in FAMILIES)}")
-    tok = build_tokenizer("bpe" if family in ("gpt2", "neox") else "sentencepiece")
+    tok = build_tokenizer(_family(family).tokenizer)
     cfg = tiny_config(family, len(tok))
     cfg.pad_token_id = tok.pad_token_id
     with torch.random.fork_rng():

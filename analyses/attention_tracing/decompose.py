@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from interpkit.arch import norm_eps, norm_moments
 from interpkit.sites import first
 
 
@@ -76,41 +77,22 @@ class Weights:
     kv: torch.Tensor                   # [H] key/value head of each query head
 
 
-def _eps(module) -> float:
-    return float(getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or 1e-6)
-
-
-def final_norm_module(hf):
-    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
-    return getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None) or base.norm
-
-
-def post_attention_norm(arch, layer: int):
-    """The norm applied to the attention output before the residual add (Gemma-2), else None.
-
-    Llama-style blocks also have a ``post_attention_layernorm``, but there it is the MLP's input norm;
-    a true post-norm comes with a separate ``pre_feedforward_layernorm``.
-    """
-    block = arch.block(layer)
-    return block.post_attention_layernorm if hasattr(block, "pre_feedforward_layernorm") else None
-
-
 def load_weights(arch) -> Weights:
     L, off = arch.n_layers, arch.family.norm_offset
     with torch.no_grad():
         W_O = torch.stack([arch.o_proj_weight(l).detach().double() for l in range(L)])
         b_O = torch.stack([arch.o_proj_bias(l).detach().double() for l in range(L)])
-        posts = [post_attention_norm(arch, l) for l in range(L)]
+        posts = [arch.post_attn_norm(l) for l in range(L)]
         post_gain = None if posts[0] is None else torch.stack([p.weight.detach().double() + off for p in posts])
-        fn = final_norm_module(arch.hf)
+        fn = arch.final_norm()
         fb = getattr(fn, "bias", None)
         return Weights(
-            norm=arch.family.norm, attn_eps=[_eps(arch.attn_norm(l)) for l in range(L)], W_O=W_O,
+            norm=arch.family.norm, attn_eps=[arch.attn_eps(l) for l in range(L)], W_O=W_O,
             b_O=None if not b_O.abs().sum() else b_O, post_gain=post_gain,
-            post_eps=_eps(posts[0]) if posts[0] is not None else 0.0,
+            post_eps=norm_eps(posts[0]) if posts[0] is not None else 0.0,
             final_gain=fn.weight.detach().double() + off,
             final_bias=torch.zeros(arch.d_model, dtype=torch.float64) if fb is None else fb.detach().double(),
-            final_eps=_eps(fn), W_U=arch.hf.get_output_embeddings().weight.detach(),
+            final_eps=norm_eps(fn), W_U=arch.hf.get_output_embeddings().weight.detach(),
             kv=torch.tensor([arch.kv_head(h) for h in range(arch.n_heads)]))
 
 
@@ -126,10 +108,11 @@ def logit_direction(w: Weights, answer_ids: torch.Tensor, wrong_ids: torch.Tenso
 
 
 def normalise(x: torch.Tensor, norm: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n(x), sigma) with n(x) = centre(x) / sigma for LayerNorm, x / sigma for RMSNorm."""
-    xc = x - x.mean(-1, keepdim=True) if norm == "layernorm" else x
-    sigma = torch.sqrt(xc.pow(2).mean(-1) + eps)
-    return xc / sigma[..., None], sigma
+    """(n(x), sigma [...]) in x's dtype: ``Arch.normalize``'s arithmetic (``norm_moments``), kept in float64
+    and with the scale sigma, which the decomposition freezes; also serves the final norm."""
+    xc, ms = norm_moments(x, norm, eps)
+    sigma = torch.sqrt(ms)
+    return xc / sigma, sigma[..., 0]
 
 
 # -- one prompt -----------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class Omega:
                  cache_dir: str | Path | None = None, center: bool = True, factors: dict | None = None):
         self.arch = arch
         self.center = bool(center)
-        self.centred = self.center and arch.family.norm == "layernorm"   # RMSNorm inputs are not mean-free
+        self.centred = self.center and arch.family.centred_norm   # RMSNorm inputs are not mean-free
         self.model_id = model_id or getattr(arch.hf, "name_or_path", "") or "model"
         self.revision = revision
         self._factors: dict[int, LayerFactors] = dict(factors or {})
@@ -128,7 +128,7 @@ class Omega:
         self._cores: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rot: dict[int, torch.Tensor] = {}
         self._dirty: set[tuple[str, int]] = set()
-        suffix = ("" if self.centred or arch.family.norm != "layernorm" else ".uncentred") + \
+        suffix = ("" if self.centred or not arch.family.centred_norm else ".uncentred") + \
             (".remote" if self.remote else "")
         self.path = None if cache_dir is None else \
             Path(cache_dir) / f"{_slug(self.model_id)}@{revision or 'main'}{suffix}.h5"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from interpkit.arch import raw_qk
+
 
 def _qr_pos(A: torch.Tensor):
     Q, R = torch.linalg.qr(A)
@@ -26,33 +28,20 @@ def _aug_r(R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(G).transpose(-1, -2)
 
 
-def server_factors(model, family: str, layers: list, H: int, Hkv: int, dh: int, d: int, offset: float,
-                   centred: bool, kv: torch.Tensor, frame_dtype: torch.dtype = torch.float32):
+def server_factors(model, layout: str, qkv: tuple, ln_bias: bool, layers: list, H: int, Hkv: int, dh: int,
+                   d: int, offset: float, centred: bool, kv: torch.Tensor, frame_dtype: torch.dtype = torch.float32):
     """Inside a session (locally or on NDIF): per layer (QA, RA, QK, RK, b_Q, b_K, u_q, s_q, vh_q, u_k, s_k,
     vh_k). Computed in float64; the d x d_head frames QA [H] and QK [Hkv] (per key head, not expanded)
-    travel as ``frame_dtype``, everything else is d_head-sized float64. Torch only."""
+    travel as ``frame_dtype``, everything else is d_head-sized float64. Torch only. ``layout`` / ``qkv``:
+    the family's Q/K layout and projection names (``raw_qk``); ``ln_bias``: the attention norm has a bias."""
     out = []
     for layer in layers:
         ln = model.layers[layer].ln_attn
         attn = model.layers[layer].attn
         gain = ln.weight.double() + offset
-        shift = ln.bias if family in ("gpt2", "neox") else None
+        shift = ln.bias if ln_bias else None
         shift = torch.zeros(d, dtype=torch.float64) if shift is None else shift.double()
-        if family == "gpt2":
-            W, b = attn.c_attn.weight.double(), attn.c_attn.bias.double()
-            Wq, bq, Wk, bk = W[:, :d], b[:d], W[:, d:2 * d], b[d:2 * d]
-        elif family == "neox":
-            W = attn.query_key_value.weight.double().reshape(H, 3, dh, d)
-            b = attn.query_key_value.bias
-            b = torch.zeros(3 * H * dh, dtype=torch.float64) if b is None else b.double()
-            b = b.reshape(H, 3, dh)
-            Wq, bq = W[:, 0].reshape(H * dh, d).T, b[:, 0].reshape(-1)
-            Wk, bk = W[:, 1].reshape(H * dh, d).T, b[:, 1].reshape(-1)
-        else:
-            qp, kp = attn.q_proj, attn.k_proj
-            Wq, Wk = qp.weight.double().T, kp.weight.double().T
-            bq = torch.zeros(H * dh, dtype=torch.float64) if qp.bias is None else qp.bias.double()
-            bk = torch.zeros(Hkv * dh, dtype=torch.float64) if kp.bias is None else kp.bias.double()
+        Wq, bq, Wk, bk = raw_qk(attn, layout, qkv, H, Hkv, dh, d, torch.float64)
         W_Q = (gain[:, None] * Wq).T.reshape(H, dh, d).transpose(1, 2)
         b_Q = (shift @ Wq + bq).reshape(H, dh)
         W_K = (gain[:, None] * Wk).T.reshape(Hkv, dh, d).transpose(1, 2)
@@ -77,13 +66,14 @@ def fetch_factors(lm, center: bool = True, layers: list[int] | None = None,
     a = lm.arch
     layers = list(range(a.n_layers)) if layers is None else list(layers)
     kv = torch.tensor([a.kv_head(h) for h in range(a.n_heads)])
-    centred = bool(center) and a.family.norm == "layernorm"
+    centred = bool(center) and a.family.centred_norm
     ensure_shipped()
     model, remote = lm.model, lm.remote                       # never name ``lm`` inside the session
-    family, H, Hkv, dh, d, offset = (a.family.name, a.n_heads, a.n_kv_heads, a.d_head, a.d_model,
-                                     float(a.family.norm_offset))
+    layout, qkv, ln_bias = a.family.qk_layout, a.family.qkv, getattr(a.attn_norm(0), "bias", None) is not None
+    H, Hkv, dh, d, offset = a.n_heads, a.n_kv_heads, a.d_head, a.d_model, float(a.family.norm_offset)
     with model.session(remote=remote):
-        res = server_factors(model, family, layers, H, Hkv, dh, d, offset, centred, kv, frame_dtype).save()
+        res = server_factors(model, layout, qkv, ln_bias, layers, H, Hkv, dh, d, offset, centred, kv,
+                             frame_dtype).save()
     return list(res)
 
 
@@ -92,7 +82,7 @@ def _local_rotary(arch) -> None:
     the rotation matrices M(delta) can be built here without the server."""
     if not arch.rotary:
         return
-    base = getattr(arch.hf, "gpt_neox", None) or arch.hf.model
+    base = arch.decoder()
     rot = base.rotary_emb
     if any(b.is_meta for b in rot.buffers()):
         with torch.device("cpu"):
@@ -113,7 +103,7 @@ def omega_from_remote(lm, center: bool = True, cache_dir=None, frame_dtype: torc
         QA, RA, QK, RK, b_Q, b_K, u_q, s_q, vh_q, u_k, s_k, vh_k = (torch.as_tensor(t).double() for t in p)
         QK, RK, b_K = QK[kv], RK[kv], b_K[kv]                     # key factors of each query head's KV head
         scale = a._scale(a.attn_module(layer), layer)
-        softcap = getattr(a.attn_module(layer), "attn_logit_softcapping", None) if a.family.name == "gemma2" else None
+        softcap = a.softcap(layer)
         factors[layer] = LayerFactors(QA @ RA, b_Q, QK @ RK, b_K, QA, RA, _aug_r(RK, b_K), QK, RK, _aug_r(RA, b_Q),
                                       scale=float(scale), softcap=softcap)
         cores["q"].append((u_q, s_q, vh_q))

@@ -5,37 +5,24 @@ from __future__ import annotations
 import torch
 
 from analyses.tools.reads import Geometry
+from interpkit.arch import norm_eps
 from interpkit.errors import UserError
 from interpkit.load_options import DTYPES, parse_dtype  # noqa: F401  (re-exported for the tools)
-
-
-def _final_norm(hf):
-    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
-    return getattr(base, "ln_f", None) or getattr(base, "final_layer_norm", None) or base.norm
-
-
-def _eps(module) -> float:
-    for name in ("eps", "variance_epsilon"):
-        if getattr(module, name, None) is not None:
-            return float(getattr(module, name))
-    return 1e-6
 
 
 def geometry(lm) -> Geometry:
     """The plain-value ``Geometry`` of a loaded model (works for weightless remote models too)."""
     a, hf = lm.arch, lm.hf
     fam = a.family
-    attn = a.attn_module(0)
-    o = attn.c_proj if fam.name == "gpt2" else (attn.dense if hasattr(attn, "dense") else attn.o_proj)
-    block = a.block(0)
-    post = getattr(block, "post_attention_layernorm", None) if fam.name == "gemma2" else None
+    post = a.post_attn_norm(0)
     out_emb = hf.get_output_embeddings()
     return Geometry(family=fam.name, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                     d_head=a.d_head, d_model=a.d_model, norm=fam.norm, norm_offset=fam.norm_offset,
-                    eps=_eps(_final_norm(hf)),
+                    eps=norm_eps(a.final_norm()),
                     softcap=float(getattr(hf.config, "final_logit_softcapping", None) or 0.0),
-                    post_norms=post is not None, post_eps=_eps(post) if post is not None else 0.0,
-                    conv1d=fam.name == "gpt2", o_bias=getattr(o, "bias", None) is not None,
+                    post_norms=post is not None, post_eps=norm_eps(post) if post is not None else 0.0,
+                    qk_layout=fam.qk_layout, qkv=fam.qkv, conv1d=fam.conv1d,
+                    o_bias=getattr(a.o_proj(0), "bias", None) is not None,
                     unembed_bias=getattr(out_emb, "bias", None) is not None)
 
 

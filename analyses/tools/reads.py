@@ -15,7 +15,7 @@ import torch
 class Geometry:
     """What trace code needs to know about a model, as plain values (see ``geometry(lm)``)."""
 
-    family: str             # gpt2 | neox | llama | gemma2 | mistral
+    family: str             # the family's name (for labels; trace code branches on the fields below)
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -27,6 +27,8 @@ class Geometry:
     softcap: float          # Gemma-2's final logit soft-cap (0: none)
     post_norms: bool        # Gemma-2: attention/MLP outputs pass a norm before the residual
     post_eps: float         # epsilon of those post norms
+    qk_layout: str          # fused_conv1d | neox_interleaved | separate (``Family.qk_layout``)
+    qkv: tuple              # the attention's projection module name(s) of that layout
     conv1d: bool            # GPT-2: o_proj weight is [d_in, d_out]
     o_bias: bool            # the output projection has a bias
     unembed_bias: bool
@@ -40,19 +42,17 @@ def first(x):
 def read_qkv(model, g: Geometry, layer: int, which: str) -> torch.Tensor:
     """Query, key or value per head [B, T, heads, d_head]: the projections' outputs, before rotary."""
     attn = model.layers[layer].attn
-    if g.family == "gpt2":
-        x = attn.c_attn.output
+    part = {"q": 0, "k": 1, "v": 2}[which]
+    if g.qk_layout == "fused_conv1d":                 # [.., 3 * H * dh]: q | k | v blocks
+        x = getattr(attn, g.qkv[0]).output
         d = g.n_heads * g.d_head
-        part = {"q": 0, "k": 1, "v": 2}[which]
         x = x[..., part * d:(part + 1) * d]
         return x.reshape(x.shape[0], x.shape[1], g.n_heads, g.d_head)
-    if g.family == "neox":
-        x = attn.query_key_value.output
+    if g.qk_layout == "neox_interleaved":             # per head (q | k | v)
+        x = getattr(attn, g.qkv[0]).output
         x = x.reshape(x.shape[0], x.shape[1], g.n_heads, 3 * g.d_head)
-        part = {"q": 0, "k": 1, "v": 2}[which]
         return x[..., part * g.d_head:(part + 1) * g.d_head]
-    proj = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}[which]
-    x = proj.output
+    x = getattr(attn, g.qkv[part]).output
     heads = g.n_heads if which == "q" else g.n_kv_heads
     return x.reshape(x.shape[0], x.shape[1], heads, g.d_head)
 
