@@ -17,9 +17,9 @@ How the subject's token embeddings are corrupted, parsed from ``--noise`` plus `
 ``--replace`` replaces the embeddings by the sample instead of adding it (ROME's ``--replace``); with no
 ``--noise`` it means ``subject``. Samples are fixed per (seed, fact id), as the additive noise is.
 
-A replacement travels to the trace as one extra channel of the noise bank (1 = replace there), and
-``corrupt`` applies it as ``e * (1 - drop) + value``, so the replaced embedding is exactly the value
-(bit for bit) and untouched positions stay exactly ``e``. Trace code here imports only torch.
+A replacement travels to the trace as one extra channel of the noise bank (1 = replace there), and the
+engine's ``corrupt`` (``interpkit.engine.inside``) applies it as ``e * (1 - drop) + value``, so the
+replaced embedding is exactly the value (bit for bit) and untouched positions stay exactly ``e``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from analyses.causal_facts import facts_of, subject_batches
+from interpkit.engine.inside import corrupt  # noqa: F401  (applies the bank inside traces)
+from interpkit.engine.run import run_traces
 from interpkit.errors import UserError
 
 MODEL_RULES = ("mvn", "t", "subject", "uniform")     # rules that need a NoiseModel (not a scalar level)
@@ -72,15 +75,6 @@ def parse_rule(noise) -> NoiseRule:
     if not math.isfinite(level) or level < 0:
         raise UserError(f"--noise must be >= 0 and finite (got {noise!r}); use 3sigma or a non-negative number")
     return NoiseRule("fixed", level, text)
-
-
-def corrupt(e: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """The corrupted embeddings: ``e + bank`` (additive noise) or, when ``bank`` has one more channel
-    than ``e``, ``e * (1 - drop) + value`` (replacement where drop = 1; exact). Torch only."""
-    if bank.shape[-1] == e.shape[-1]:
-        return e + bank
-    drop = bank[..., -1:]
-    return e * (1 - drop) + bank[..., :-1]
 
 
 def fact_generator(seed: int, key: int) -> torch.Generator:
@@ -153,17 +147,8 @@ class NoiseModel:
 # --------------------------------------------------------------------------------------------------
 def subject_embeddings(lm, prompts, max_rows: int = 256) -> list[torch.Tensor]:
     """Per prompt, the embedding output at its subject tokens [n_i, d] (the model's dtype)."""
-    from analyses.causal_tracing import subject_batches
-
     sub, jobs = subject_batches(prompts, max_rows)
-    model = lm.model
-    if lm.remote:
-        from interpkit.engine.run import run_session
-
-        outs = run_session(model, _embedding_trace, jobs, lm.remote)
-    else:
-        with torch.no_grad():
-            outs = [_embedding_trace(model, *job) for job in jobs]
+    outs = run_traces(lm.model, _embedding_trace, jobs, lm.remote)
     flat = torch.cat(outs)
     counts = sub.sum(1).tolist()
     return list(torch.split(flat, counts))
@@ -200,8 +185,6 @@ def build_noise_model(lm, prompts, cfg) -> NoiseModel:
             return NoiseModel(NoiseRule("uniform", level, rule.text), replace, level=level, scale=level / math.sqrt(3))
         return NoiseModel(rule, replace, level=level, scale=level)
     if rule.kind == "subject":
-        from analyses.causal_tracing import facts_of
-
         seen: dict[tuple[int, ...], torch.Tensor] = {}
         for f, emb in zip(facts_of(prompts), per_prompt):
             seen.setdefault(tuple(int(i) for i in f.ids[f.subject_first:f.subject_last + 1]), emb)

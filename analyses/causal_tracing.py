@@ -13,45 +13,41 @@ times with noise drawn once per fact from a seeded generator, and the probabilit
 * indirect effect IE = restored - low; total effect TE = high - low; AIE / ATE average over facts, over
   six token groups (first / middle / last subject token, first subsequent, further tokens, last token).
 
-Two engines compute the same numbers (to float rounding; both tested against a plain-hook reference):
+Both engines are planners on the sweep engine (``interpkit.engine``) and compute the same numbers (to
+float rounding; both tested against a plain-hook reference):
 
 * ``prefix`` (default, ``analyses.causal_tracing_prefix``): one reference forward per fact, then only
-  the tokens and layers each restoration can change, on the reference's key/value cache;
-* ``batched`` (here): every restoration as batch rows of full forwards. Row 0 clean, rows 1..S corrupted,
-  then S rows per restoration; at each layer and site every row that restores there takes its source
-  row's value with one indexed write ``x[rows, pos] = x[src, pos]``, so severed runs read the corrupted
-  values live. Exact identities (restore-all = clean, zero noise = zero IE) hold bit for bit here.
+  the tokens and layers each restoration can change, on the reference's key/value cache (engine sweeps);
+* ``batched`` (here): every restoration as batch rows of full forwards (engine ``Forward`` records). Row
+  0 clean, rows 1..S corrupted, then S rows per restoration; at each layer and site every row that
+  restores there takes its source row's value with one indexed ``Write`` (source rows of the same
+  batch), so severed runs read the corrupted values live. Exact identities (restore-all = clean, zero
+  noise = zero IE) hold bit for bit here.
 
-Noise is made outside the trace and shipped as a small [S + 1, T, d] bank; it is added to
-``model.embed``'s output inside the trace. Trace code imports only torch, so it runs unchanged on NDIF;
-remotely, one chunk of facts is one request (a session of the chunk's forwards).
+Noise is made outside the trace and shipped as a small [S + 1, T, d] bank (an engine ``Noise``); it is
+added to ``model.embed``'s output inside the trace. The engine runs everything locally or remotely (one
+chunk of facts is one request: a session of the chunk's forwards).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from analyses.causal_noise import MODEL_RULES, build_noise_model, corrupt
-from interpkit.engine.run import run_session
+from analyses.causal_facts import (GROUP_LABELS, GROUPS, Fact, answer_fact, facts_of, position_labels,
+                                   subject_batches, subject_mask, token_groups)
+from analyses.causal_noise import MODEL_RULES, build_noise_model
+from analyses.causal_tracing_prefix import (SITE_NAMES, FactJob, FactScores, noise_bank, restoration_writes,
+                                            trace_facts_prefix)
+from interpkit.engine.inside import ANSWER_PROB, Forward, Noise, Readout, Write
+from interpkit.engine.run import run_forwards, run_traces
 from interpkit.errors import UserError
-from interpkit.metrics import sequence_prob
 from interpkit.progress import stage
-from interpkit.sites import site
 
 BASE_KINDS = ("hidden", "mlp", "attn")
 SEVERED_KINDS = ("severed_mlp", "severed_attn")
-GROUPS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
-GROUP_LABELS = {"first_subject": "First subject token", "middle_subject": "Middle subject tokens",
-                "last_subject": "Last subject token", "first_subsequent": "First subsequent token",
-                "further": "Further tokens", "last": "Last token"}
-_ATTN, _MLP, _RESID = 0, 1, 2                     # sites within a layer, in forward order
-SITE_IDS = {"attn": _ATTN, "mlp": _MLP, "hidden": _RESID}
-SITE_NAMES = ("attn_out", "mlp_out", "resid_post")   # interpkit.sites names of the three
-
-
 # --------------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------------
@@ -105,66 +101,6 @@ def parse_noise(noise) -> tuple[str, float]:
 # --------------------------------------------------------------------------------------------------
 # facts, token groups and noise
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Fact:
-    """One prompt without padding: ids [T], subject span [first, last] and a stable id for its noise."""
-
-    index: int
-    key: int
-    ids: torch.Tensor
-    subject_first: int
-    subject_last: int
-
-
-def facts_of(prompts) -> list[Fact]:
-    """Unpadded facts of a PromptSet with roles subject_first / subject_last (padded coordinates)."""
-    for role in ("subject_first", "subject_last"):
-        if role not in prompts.roles:
-            raise UserError(f"task {prompts.task!r} has no {role!r} role; causal tracing needs subject spans")
-    keys = prompts.meta.get("known_id") or prompts.meta.get("fact_id") or list(range(len(prompts)))
-    out = []
-    for i in range(len(prompts)):
-        mask = prompts.attention_mask[i].bool()
-        pad = int((~mask).sum())
-        ids = prompts.input_ids[i][mask]
-        a, b = int(prompts.roles["subject_first"][i]) - pad, int(prompts.roles["subject_last"][i]) - pad
-        if not 0 <= a <= b < len(ids):
-            raise UserError(f"fact {i} ({prompts.prompts[i]!r}) has a subject span outside the prompt")
-        out.append(Fact(i, int(keys[i]), ids, a, b))
-    return out
-
-
-def answer_fact(fact: Fact, answer: torch.Tensor) -> Fact:
-    """The fact as the engines run it: a multi-token answer's tokens but the last follow the prompt, so the
-    last K positions' logits score the whole answer (teacher forcing); restorations stay on the prompt."""
-    if answer.shape[0] <= 1:
-        return fact
-    return replace(fact, ids=torch.cat([fact.ids, answer[:-1]]))
-
-
-def token_groups(n_tokens: int, subject_first: int, subject_last: int) -> dict[str, list[int]]:
-    """ROME's six token groups as positions (empty groups are skipped in averages).
-
-    A one-token subject counts as both first and last subject token; the first subsequent token is the
-    one after the subject unless that is the last token; further tokens lie between it and the last.
-    """
-    last = n_tokens - 1
-    a, b = subject_first, subject_last
-    return {"first_subject": [a], "middle_subject": list(range(a + 1, b)), "last_subject": [b],
-            "first_subsequent": [b + 1] if b + 1 < last else [],
-            "further": list(range(b + 2, last)), "last": [last]}
-
-
-def position_labels(n_tokens: int, subject_first: int, subject_last: int) -> list[str]:
-    """One group name per position (the subject's last token wins for one-token subjects)."""
-    labels = ["before_subject"] * n_tokens
-    for g, pos in token_groups(n_tokens, subject_first, subject_last).items():
-        for p in pos:
-            if labels[p] == "before_subject" or g in ("last_subject", "last"):
-                labels[p] = g
-    return labels
-
-
 def fact_noise(cfg: TraceConfig, fact: Fact, d_model: int, level: float) -> torch.Tensor:
     """[samples, n_subject_tokens, d] noise, fixed by (cfg.seed, fact.key) so reruns and chunkings agree."""
     if hasattr(level, "sample"):                   # a causal_noise.NoiseModel (other rules, --replace)
@@ -176,47 +112,14 @@ def fact_noise(cfg: TraceConfig, fact: Fact, d_model: int, level: float) -> torc
     return torch.randn(shape, generator=g) * level
 
 
-def noise_bank(fact: Fact, noise: torch.Tensor) -> torch.Tensor:
-    """[samples + 1, T, d]: entry 0 (clean) is zero, entry 1 + s is sample s at the subject positions."""
-    S, _, d = noise.shape
-    bank = torch.zeros(S + 1, len(fact.ids), d)
-    bank[1:, fact.subject_first:fact.subject_last + 1] = noise
-    return bank
-
-
 # --------------------------------------------------------------------------------------------------
 # planning: restorations -> rows and per-(layer, site) indexed writes
 # --------------------------------------------------------------------------------------------------
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    lo = max(0, layer - window // 2)
-    return range(lo, min(n_layers, layer - window // 2 + window))
+def plan_forward(restorations: list, samples: int, window: int, n_layers: int) -> list[Write]:
+    """The writes of one batched forward, in forward order: one ``Write`` per (layer, site).
 
-
-def restoration_writes(spec: tuple, window: int, n_layers: int) -> tuple:
-    """The writes of one restoration as (layer, site, pos, held): ``held`` False copies the clean value,
-    True the row's own corrupted-sample value. ``spec`` is (kind, pos, layer), or a 1-tuple (writes,)
-    with writes (layer, site, pos, src): site "hidden" | "mlp" | "attn", src "clean" | "corrupted".
-
-    Severed runs hold token t's MLP / attention outputs only in layers after ``layer``: holding them in
-    earlier layers, or at ``layer`` itself (whose output h_t is overwritten), changes nothing, because up
-    to there the restored row computes exactly what its corrupted sample row computes."""
-    if not isinstance(spec[0], str):
-        return tuple((lay, SITE_IDS[site_], pos, src == "corrupted") for lay, site_, pos, src in spec[0])
-    kind, pos, layer = spec
-    if kind == "hidden":
-        return ((layer, _RESID, pos, False),)
-    if kind in ("mlp", "attn"):
-        site_ = _MLP if kind == "mlp" else _ATTN
-        return tuple((j, site_, pos, False) for j in window_layers(layer, window, n_layers))
-    site_ = _MLP if kind == "severed_mlp" else _ATTN
-    return ((layer, _RESID, pos, False),) + tuple((j, site_, pos, True) for j in range(layer + 1, n_layers))
-
-
-def plan_forward(restorations: list[tuple], samples: int, window: int, n_layers: int) -> list[tuple]:
-    """Indexed writes of one batched forward, in forward order: [(layer, site, rows, pos, src)].
-
-    Restoration r occupies rows 1 + S + r * S + s for sample s; src is the source row (0 clean, 1 + s
-    the row's corrupted sample)."""
+    Restoration r occupies rows 1 + S + r * S + s for sample s; a write's source row is 0 (clean) or 1 + s
+    (the row's corrupted sample)."""
     acc: dict[tuple[int, int], list[list[int]]] = {}
     for r, spec in enumerate(restorations):
         writes = restoration_writes(spec, window, n_layers)
@@ -225,7 +128,7 @@ def plan_forward(restorations: list[tuple], samples: int, window: int, n_layers:
             for lay, site_, pos, held in writes:
                 rows, poss, srcs = acc.setdefault((lay, site_), [[], [], []])
                 rows.append(row), poss.append(pos), srcs.append(1 + s if held else 0)
-    return [(lay, site_, torch.tensor(v[0]), torch.tensor(v[1]), torch.tensor(v[2]))
+    return [Write(SITE_NAMES[site_], lay, torch.tensor(v[0]), pos=torch.tensor(v[1]), src=torch.tensor(v[2]))
             for (lay, site_), v in sorted(acc.items())]
 
 
@@ -241,46 +144,19 @@ def grid(kinds: list[str], n_tokens: int, n_layers: int) -> list[tuple[str, int,
     return [(k, t, l) for k in kinds for t in range(n_tokens) for l in range(n_layers)]
 
 
-# --------------------------------------------------------------------------------------------------
-# the trace (runs locally and on NDIF: torch only)
-# --------------------------------------------------------------------------------------------------
-def trace_rows(model, ids: torch.Tensor, bank: torch.Tensor, bank_idx: torch.Tensor, writes: list,
-               answer: torch.Tensor, remote=False):
-    """One forward: noise the embeddings by ``bank[bank_idx]``, apply ``writes``, return (answer probability
-    per row [B], the answer ids [K]). ``answer`` [K] ends ``ids`` but for its last token (teacher forcing);
-    ``answer[0] < 0`` takes the clean row's top-1."""
-    B = bank_idx.shape[0]
-    inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
-    with model.trace(inputs, logits_to_keep=answer.shape[0], remote=remote):
-        e = model.embed.output
-        model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype)[bank_idx.to(e.device)])
-        for layer, site_, rows, pos, src in writes:
-            x = site(model, SITE_NAMES[site_], layer)
-            x[rows, pos] = x[src, pos]
-        p, a = sequence_prob(model.output.logits, answer)
-        p = p.detach().cpu().save()
-        a = a.detach().cpu().save()
-    return p, a
-
-
-def _jobs(fact: Fact, noise: torch.Tensor, restorations: list, cfg: TraceConfig, n_layers: int, answer: int):
-    """Arguments of trace_rows for every forward a fact needs, and the restorations of each."""
-    bank = noise_bank(fact, noise)
-    S = cfg.samples
+def fact_forwards(job: FactJob, cfg: TraceConfig, n_layers: int) -> list[tuple[Forward, list]]:
+    """The batched engine's forwards of one fact, each with its restorations: rows 0 clean, 1..S
+    corrupted, then S rows per restoration; noise by row from the fact's bank."""
+    bank = noise_bank(job.fact, job.noise)
+    S, ids = cfg.samples, job.fact.ids
     out = []
-    for part in split_restorations(restorations, S, cfg.max_rows):
+    for part in split_restorations(job.restorations, S, cfg.max_rows):
         idx = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, S + 1).repeat(len(part) + 1)])
-        out.append(((fact.ids, bank, idx, plan_forward(part, S, cfg.window, n_layers), answer), part))
+        B = idx.shape[0]
+        inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
+        out.append((Forward(inputs, Readout(ANSWER_PROB, job.answer), plan_forward(part, S, cfg.window, n_layers),
+                            Noise(bank, idx)), part))
     return out
-
-
-def run_jobs(lm, jobs: list[tuple]) -> list[tuple]:
-    """Outputs of trace_rows for each job: one by one locally, one session (one request) remotely."""
-    model = lm.model
-    if not lm.remote:
-        with torch.no_grad():
-            return [trace_rows(model, *job) for job in jobs]
-    return run_session(model, trace_rows, jobs, lm.remote)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,35 +274,11 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     Position ids count from each prompt's first real token, so left padding does not move positions.
     """
     jobs = subject_batches(prompts, max_rows)[1]
-    model = lm.model
-    if lm.remote:
-        outs = run_session(model, _dataset_trace, jobs, lm.remote)
-    else:
-        with torch.no_grad():
-            outs = [_dataset_trace(model, *job) for job in jobs]
+    outs = run_traces(lm.model, _dataset_trace, jobs, lm.remote)
     stats = torch.stack([o[0] for o in outs]).sum(0)
     n, s1, s2 = stats.tolist()
     std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / max(n - 1, 1))
     return std, torch.cat([o[1] for o in outs])
-
-
-def subject_mask(prompts) -> torch.Tensor:
-    """[N, T] bool: the subject tokens of every (left-padded) prompt."""
-    sub = torch.zeros_like(prompts.attention_mask, dtype=torch.bool)
-    T = prompts.input_ids.shape[1]
-    for f in facts_of(prompts):
-        pad = T - len(f.ids)
-        sub[f.index, pad + f.subject_first: pad + f.subject_last + 1] = True
-    return sub
-
-
-def subject_batches(prompts, max_rows: int) -> tuple[torch.Tensor, list[tuple[dict, torch.Tensor]]]:
-    """(subject mask [N, T], [(inputs, subject mask)] per ``max_rows`` prompts), with position ids that
-    count from each prompt's first real token (left padding moves no position)."""
-    sub = subject_mask(prompts)
-    pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return sub, [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
-                   "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
 
 
 def _dataset_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
@@ -458,39 +310,34 @@ def trace_facts(lm, facts: list[Fact], cfg: TraceConfig, level: float, answers: 
     for i, f in enumerate(facts):
         rest = restorations(f) if restorations is not None else grid(kinds, len(f.ids), L)
         ans = torch.tensor([-1]) if answers is None else torch.as_tensor(answers[i], dtype=torch.long).view(-1)
-        todo.append((answer_fact(f, ans), fact_noise(cfg, f, d, level), rest, ans))
-    if cfg.engine == "prefix":
-        from analyses.causal_tracing_prefix import trace_facts_prefix
-
-        results = trace_facts_prefix(lm, todo, cfg)
-    else:
-        results = _trace_batched(lm, todo, cfg)
+        todo.append(FactJob(answer_fact(f, ans), fact_noise(cfg, f, d, level), rest, ans))
+    results = trace_facts_prefix(lm, todo, cfg) if cfg.engine == "prefix" else trace_batched(lm, todo, cfg)
     traces = []
-    for f, (_, _, rest, _), (vals, low, high, answer) in zip(facts, todo, results):
-        vals = vals.float()
+    for f, r in zip(facts, results):
+        vals = r.values.float()
         scores = vals.view(1, -1, 1) if restorations is not None else vals.view(len(kinds), len(f.ids), L)
         tok = lm.tokenizer.convert_ids_to_tokens(f.ids.tolist())
         traces.append(FactTrace(index=f.index, key=f.key, tokens=tok, subject_first=f.subject_first,
-                                subject_last=f.subject_last, answer_id=answer, kinds=kinds,
-                                scores=scores, low=low, high=high))
+                                subject_last=f.subject_last, answer_id=r.answer, kinds=kinds,
+                                scores=scores, low=r.low, high=r.high))
     return traces
 
 
-def _trace_batched(lm, todo: list[tuple], cfg: TraceConfig) -> list[tuple]:
-    """Every restoration as batch rows of as few forwards as max_rows allows; one request remotely.
-    Per fact: (mean restored probability per restoration, low, high, answer id)."""
+def trace_batched(lm, todo: list[FactJob], cfg: TraceConfig) -> list[FactScores]:
+    """Every restoration as batch rows of as few forwards as max_rows allows; one request remotely."""
     S, L = cfg.samples, lm.arch.n_layers
-    jobs, bounds = [], []
-    for f, noise, rest, ans in todo:
-        fj = _jobs(f, noise, rest, cfg, L, ans)
-        bounds.append((len(jobs), len(jobs) + len(fj), rest))
-        jobs += [j for j, _ in fj]
-    outs = run_jobs(lm, jobs)
+    forwards, bounds = [], []
+    for job in todo:
+        fj = fact_forwards(job, cfg, L)
+        bounds.append((len(forwards), len(forwards) + len(fj), job.restorations))
+        forwards += [fwd for fwd, _ in fj]
+    outs = run_forwards(lm.model, forwards, lm.remote)
     results = []
     for lo, hi, rest in bounds:
         probs = [outs[j][0].double() for j in range(lo, hi)]         # means in float64: exact for equal rows
         vals = torch.cat([p[1 + S:].view(-1, S).mean(1) for p in probs]) if rest else torch.zeros(0)
-        results.append((vals, float(probs[0][1:1 + S].mean()), float(probs[0][0]), int(outs[lo][1].view(-1)[0])))
+        results.append(FactScores(vals, float(probs[0][1:1 + S].mean()), float(probs[0][0]),
+                                  int(outs[lo][1].view(-1)[0])))
     return results
 
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analyses.causal_tracing import GROUP_LABELS, GROUPS  # noqa: E402
+from analyses.causal_facts import GROUP_LABELS, GROUPS  # noqa: E402
 from interpkit.plots import finish  # noqa: E402
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "severed_mlp": "Blues", "severed_attn": "Oranges"}

@@ -1,4 +1,5 @@
-"""Causal tracing that skips the work a restoration cannot change (the default local engine).
+"""Causal tracing's planning on the sweep engine (``interpkit.engine``): restorations as writes, and the
+prefix planner, which skips the work a restoration cannot change (the default engine).
 
 A restoration of token t whose first write is at layer f leaves every activation at positions < t, and
 every activation below layer f, equal to its corrupted sample's. So its rows need only tokens t.. and
@@ -19,8 +20,11 @@ the layers < l0 skipped (``.skip`` with the starting state). ``blocks`` blocks p
 forwards against less skipped work (5, the default: on smollm2-135m's first 60 known facts, all five
 kinds, 1.27x the minimal token-layers in 23 forwards per fact; 3 blocks: 1.51x in 17; 12: 1.07x in 83).
 Results equal ``causal_tracing``'s batched engine to float tolerance (tested against the
-plain-hook reference). Remotely, one chunk of facts is one session (one request): the reference's
-activations and cache stay on the server and feed the chunk forwards there.
+plain-hook reference). A fact's plan becomes an engine ``Sweep`` (``fact_sweep``): the reference is the
+base run (rows: clean + S corrupted samples, noise on the subject's embeddings), each chunk a ``Suffix``
+whose writes copy the reference's recorded clean (or held corrupted) values. ``interpkit.engine.run``
+runs the sweeps: remotely, one chunk of facts is one session (one request), the reference's activations
+and cache staying on the server.
 """
 from __future__ import annotations
 
@@ -28,14 +32,70 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.causal_noise import corrupt
-from analyses.causal_tracing import _RESID, SITE_NAMES, noise_bank, restoration_writes
-from interpkit.kv_cache import layer_kv, prefix_cache
-from interpkit.metrics import sequence_prob
-from interpkit.sites import site
+from interpkit.engine.inside import ANSWER_PROB, Noise, Readout, Reference, Suffix, Sweep, Write
+from interpkit.engine.run import run_sweeps
+
+ATTN, MLP, RESID = 0, 1, 2                        # sites within a layer, in forward order
+SITE_IDS = {"attn": ATTN, "mlp": MLP, "hidden": RESID}
+SITE_NAMES = ("attn_out", "mlp_out", "resid_post")   # interpkit.sites names of the three
 
 
-@dataclass(repr=False)             # travels to NDIF: a generated __repr__ references _thread (not whitelisted)
+@dataclass
+class FactJob:
+    """One fact as the engines run it: ``fact`` (a ``causal_tracing.Fact``; a multi-token answer's tokens
+    but the last appended), its noise [S, n_subject, d(+1)], its restorations and the answer ids [K]
+    (``[-1]``: the clean top-1)."""
+
+    fact: object
+    noise: torch.Tensor
+    restorations: list
+    answer: torch.Tensor
+
+
+@dataclass
+class FactScores:
+    """What an engine reports for one fact."""
+
+    values: torch.Tensor            # [R] mean restored probability per restoration, float64
+    low: float                      # corrupted probability (mean over samples)
+    high: float                     # clean probability
+    answer: int
+
+
+def noise_bank(fact, noise: torch.Tensor) -> torch.Tensor:
+    """[samples + 1, T, d]: entry 0 (clean) is zero, entry 1 + s is sample s at the subject positions."""
+    S, _, d = noise.shape
+    bank = torch.zeros(S + 1, len(fact.ids), d)
+    bank[1:, fact.subject_first:fact.subject_last + 1] = noise
+    return bank
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    lo = max(0, layer - window // 2)
+    return range(lo, min(n_layers, layer - window // 2 + window))
+
+
+def restoration_writes(spec: tuple, window: int, n_layers: int) -> tuple:
+    """The writes of one restoration as (layer, site, pos, held): ``held`` False copies the clean value,
+    True the row's own corrupted-sample value. ``spec`` is (kind, pos, layer), or a 1-tuple (writes,)
+    with writes (layer, site, pos, src): site "hidden" | "mlp" | "attn", src "clean" | "corrupted".
+
+    Severed runs hold token t's MLP / attention outputs only in layers after ``layer``: holding them in
+    earlier layers, or at ``layer`` itself (whose output h_t is overwritten), changes nothing, because up
+    to there the restored row computes exactly what its corrupted sample row computes."""
+    if not isinstance(spec[0], str):
+        return tuple((lay, SITE_IDS[site_], pos, src == "corrupted") for lay, site_, pos, src in spec[0])
+    kind, pos, layer = spec
+    if kind == "hidden":
+        return ((layer, RESID, pos, False),)
+    if kind in ("mlp", "attn"):
+        site_ = MLP if kind == "mlp" else ATTN
+        return tuple((j, site_, pos, False) for j in window_layers(layer, window, n_layers))
+    site_ = MLP if kind == "severed_mlp" else ATTN
+    return ((layer, RESID, pos, False),) + tuple((j, site_, pos, True) for j in range(layer + 1, n_layers))
+
+
+@dataclass
 class Chunk:
     """One forward: restorations ``items`` (indices into FactPlan.unique), S rows each, tokens p0..,
     layers l0.. ."""
@@ -45,7 +105,7 @@ class Chunk:
     items: list[int]
 
 
-@dataclass(repr=False)
+@dataclass
 class FactPlan:
     """How one fact's restorations are computed: ``source[r]`` is ("low",), ("high",) or ("unique", u)."""
 
@@ -64,7 +124,7 @@ def normalise(writes: tuple, n_tokens: int, n_layers: int, subject_first: int, n
 
 def first_layer(writes: tuple) -> int:
     """The first layer a restoration's rows must compute: a residual write at layer l starts them at l + 1."""
-    return min(lay + 1 if site_ == _RESID else lay for lay, site_, _, _ in writes)
+    return min(lay + 1 if site_ == RESID else lay for lay, site_, _, _ in writes)
 
 
 def plan_fact(restorations: list, n_tokens: int, subject_first: int, n_layers: int, window: int, samples: int,
@@ -94,7 +154,7 @@ def plan_fact(restorations: list, n_tokens: int, subject_first: int, n_layers: i
     per = max(1, max_rows // samples)
     chunks = [Chunk(p0, l0, items[i:i + per]) for (p0, l0), items in sorted(groups.items())
               for i in range(0, len(items), per)]
-    sites = sorted({x[1] for w in unique for x in w} | {_RESID})
+    sites = sorted({x[1] for w in unique for x in w} | {RESID})
     return FactPlan(unique, source, chunks, sites)
 
 
@@ -107,129 +167,55 @@ def _starts(values: list[int], blocks: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# traces (torch only inside)
+# a fact's plan as an engine sweep
 # --------------------------------------------------------------------------------------------------
-def trace_reference(model, ids: torch.Tensor, bank: torch.Tensor, sites_: list[int], n_layers: int,
-                    answer: torch.Tensor, remote=False):
-    """Clean row + S corrupted rows: answer probability per row, the answer id (saved), the recorded
-    sites (``acts[layer * len(sites_) + i]``, all rows and positions) and the per-layer (keys, values),
-    which stay in the session (on the server, remotely)."""
-    B = bank.shape[0]
-    inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
-    with model.trace(inputs, use_cache=True, logits_to_keep=answer.shape[0], remote=remote):
-        e = model.embed.output
-        model.embed.output = corrupt(e, bank.to(device=e.device, dtype=e.dtype))
-        acts = list()
-        for layer in range(n_layers):
-            for site_ in sites_:
-                acts.append(site(model, SITE_NAMES[site_], layer).detach().clone())
-        out = model.output
-        p, a = sequence_prob(out.logits, answer)
-        p = p.detach().cpu().save()
-        a = a.detach().cpu().save()
-        kv = list()
-        for layer in range(n_layers):
-            kv.append(layer_kv(out.past_key_values, layer))
-    return p, a, acts, kv
-
-
-def trace_chunk(model, inputs: dict, cache, l0: int, start, noise, writes: list, answer: torch.Tensor,
-                remote=False):
-    """One chunk: tokens p0.. on the cached prefix, layers < l0 skipped with ``start`` (or, from layer 0,
-    the subject noise added to the embeddings), then the chunk's writes; answer probability per row."""
-    kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {}
-    with model.trace(inputs, logits_to_keep=answer.shape[0], remote=remote, **kw):
-        if noise is not None:
-            e = model.embed.output
-            model.embed.output = corrupt(e, noise.to(device=e.device, dtype=e.dtype))
-        for layer in range(l0):
-            model.layers[layer].skip(start)
-        for layer, site_, rows, pos, fill in writes:
-            x = site(model, SITE_NAMES[site_], layer)
-            x[rows, pos] = fill.to(device=x.device, dtype=x.dtype)
-        p = sequence_prob(model.output.logits, answer)[0].detach().cpu().save()
-    return p
-
-
-# --------------------------------------------------------------------------------------------------
-# one fact
-# --------------------------------------------------------------------------------------------------
-def chunk_args(plan: FactPlan, chunk: Chunk, ids: torch.Tensor, bank: torch.Tensor, acts: dict, kv: list,
-               samples: int) -> dict:
-    """The forward of one chunk: inputs, prefix cache, skipped layers and starting state, noise, writes.
-    ``acts[site][layer]`` ([1 + S, T, d]) and ``kv`` come from the reference forward."""
-    S, p0, l0, T = samples, chunk.p0, chunk.l0, len(ids)
-    n = len(chunk.items)
-    sample = torch.arange(1, S + 1).repeat(n)                      # reference row of each chunk row
-    inputs = {"input_ids": ids[p0:][None].expand(n * S, -1),
-              "attention_mask": torch.ones(n * S, T, dtype=torch.long),
-              "position_ids": torch.arange(p0, T)[None].expand(n * S, -1)}
+def chunk_suffix(plan: FactPlan, chunk: Chunk, samples: int) -> Suffix:
+    """One chunk as an engine ``Suffix``: S rows per restoration (reference rows 1..S), its writes copying
+    the reference's recorded values (row 0 clean, or the row's own sample 1 + s where held); the residual
+    written at layer l0 - 1 becomes the starting state."""
+    S, p0, l0, k = samples, chunk.p0, chunk.l0, len(plan.sites)
     per_site: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for i, u in enumerate(chunk.items):
         for lay, site_, pos, held in plan.unique[u]:
             per_site.setdefault((lay, site_), []).append((i, pos, int(held)))
     offsets = torch.arange(S)
-
-    def rows_pos_src(entries):           # chunk rows, positions and reference rows (0 clean, 1 + s held)
-        e = torch.tensor(entries)
-        rows = (e[:, :1] * S + offsets).reshape(-1)
-        return rows, e[:, 1].repeat_interleave(S), (e[:, 2:] * (offsets + 1)).reshape(-1)
-
-    start = acts[_RESID][l0 - 1][sample, p0:].clone() if l0 > 0 else None
     writes = []
-    for (lay, site_), entries in sorted(per_site.items()):
-        rows, pos, src = rows_pos_src(entries)
-        values = acts[site_][lay][src, pos]
-        if lay < l0:                                   # h^(l0-1): part of the starting state
-            start[rows, pos - p0] = values
-        else:
-            writes.append((lay, site_, rows, pos - p0, values))
-    return {"inputs": inputs, "cache": prefix_cache(None, kv, p0, sample) if p0 > 0 else None,
-            "l0": l0, "start": start, "noise": bank[sample, p0:] if l0 == 0 else None, "writes": writes}
+    for (lay, site_), entries in sorted(per_site.items()):      # forward order
+        e = torch.tensor(entries)
+        writes.append(Write(SITE_NAMES[site_], lay, rows=(e[:, :1] * S + offsets).reshape(-1),
+                            pos=e[:, 1].repeat_interleave(S) - p0, src=(e[:, 2:] * (offsets + 1)).reshape(-1),
+                            record=lay * k + plan.sites.index(site_)))
+    start = (l0 - 1) * k + plan.sites.index(RESID) if l0 > 0 else -1
+    return Suffix(p0=p0, l0=l0, rows=torch.arange(1, S + 1).repeat(len(chunk.items)), writes=writes, start=start,
+                  cache=p0 > 0)
 
 
-def trace_plan(model, ids: torch.Tensor, bank: torch.Tensor, plan: FactPlan, answer: torch.Tensor, n_layers: int,
-               samples: int) -> tuple:
-    """Every forward of one fact: the reference, then one per chunk. Call it inside ``model.session``
-    (locally or remotely: one request), so the reference's activations and cache reach the chunks
-    without being saved. Returns (reference probabilities [1 + S], answer id, chunk probabilities)."""
-    p, a, acts, kv = trace_reference(model, ids, bank, plan.sites, n_layers, answer)
-    k = len(plan.sites)
-    by_site = {s: [acts[layer * k + i] for layer in range(n_layers)] for i, s in enumerate(plan.sites)}
-    outs = []
-    for chunk in plan.chunks:
-        args = chunk_args(plan, chunk, ids, bank, by_site, kv, samples)
-        outs.append(trace_chunk(model, args["inputs"], args["cache"], args["l0"], args["start"], args["noise"],
-                                args["writes"], a))
-    return p, a, outs
+def fact_sweep(job: FactJob, plan: FactPlan, samples: int, n_layers: int) -> Sweep:
+    """One fact's forwards: the reference (clean row + S corrupted rows, recording ``plan.sites`` at every
+    layer and the cache), then one suffix run per chunk."""
+    ids, B = job.fact.ids, samples + 1
+    inputs = {"input_ids": ids[None].expand(B, -1), "attention_mask": torch.ones(B, ids.shape[0], dtype=torch.long)}
+    records = [(SITE_NAMES[s], layer) for layer in range(n_layers) for s in plan.sites]
+    ref = Reference(inputs, Readout(ANSWER_PROB, job.answer), records,
+                    Noise(noise_bank(job.fact, job.noise), torch.arange(B)), cache=True)
+    return Sweep(ref, None, [chunk_suffix(plan, c, samples) for c in plan.chunks], n_layers)
 
 
-def trace_facts_prefix(lm, todo: list[tuple], cfg) -> list[tuple]:
-    """Per fact (Fact, noise, restorations, answer): (mean restored probability per restoration [R]
-    float64, low, high, answer id). One session: one request remotely."""
+def trace_facts_prefix(lm, todo: list[FactJob], cfg) -> list[FactScores]:
+    """Every fact's sweep; one session (one request) remotely."""
     S, L = cfg.samples, lm.arch.n_layers
-    plans = [plan_fact(rest, len(f.ids), f.subject_first, L, cfg.window, S, cfg.max_rows, cfg.blocks, len(ans))
-             for f, _, rest, ans in todo]
-    banks = [noise_bank(f, noise) for f, noise, _, _ in todo]
-    model = lm.model
-    if lm.remote:
-        from interpkit.remote import ensure_shipped
-
-        ensure_shipped()                        # our trace helpers travel by value: NDIF does not have them
-    jobs = [(f.ids, bank, plan, ans) for (f, _, _, ans), bank, plan in zip(todo, banks, plans)]
-    with torch.no_grad():
-        with model.session(remote=lm.remote):
-            outs = list().save()
-            for ids, bank, plan, ans in jobs:
-                outs.append(trace_plan(model, ids, bank, plan, ans, L, S))
+    plans = [plan_fact(j.restorations, len(j.fact.ids), j.fact.subject_first, L, cfg.window, S, cfg.max_rows,
+                       cfg.blocks, len(j.answer)) for j in todo]
+    outs = run_sweeps(lm.model, [fact_sweep(j, plan, S, L) for j, plan in zip(todo, plans)], lm.remote)
     results = []
-    for plan, (p, a, chunk_probs) in zip(plans, outs):
-        p = p.double()
+    for plan, out in zip(plans, outs):
+        p = out.base.double()
         high, low = float(p[0]), float(p[1:].mean())
         values = torch.zeros(len(plan.unique), dtype=torch.float64)
-        for chunk, q in zip(plan.chunks, chunk_probs):
+        for chunk, q in zip(plan.chunks, out.chunks):
             values[chunk.items] = q.double().view(-1, S).mean(1)
         by = {"low": low, "high": high}
-        results.append((torch.tensor([values[s[1]].item() if s[0] == "unique" else by[s[0]] for s in plan.source],
-                                     dtype=torch.float64), low, high, int(a.view(-1)[0])))
+        results.append(FactScores(torch.tensor([values[s[1]].item() if s[0] == "unique" else by[s[0]]
+                                                for s in plan.source], dtype=torch.float64),
+                                  low, high, int(out.answer.view(-1)[0])))
     return results

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interpkit.engine.inside import UNEMBED_IN, patch_site, trace_full
+from interpkit.engine.inside import UNEMBED_IN, Forward, Readout, Write, patch_site
 from interpkit.engine.plan import Plan, SweepSpec, first_difference, plan_sweep
-from interpkit.engine.run import SweepRuns, run_plan, run_session
+from interpkit.engine.run import SweepRuns, run_forwards, run_plan, run_session
 from interpkit.errors import UserError
 from interpkit.metrics import SEQ_LOGPROB, normalize
 from interpkit.sites import SITES
@@ -325,23 +325,24 @@ def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=N
     t0 = time.perf_counter()
     done = done or {}
 
-    def job(part, per_layer):
+    def forward(part, per_layer) -> Forward:
         n = len(part) + 2
-        writes = [(layer, rows, mask, None if cfg.mode == "deletion" else src) for layer, rows, src, mask in per_layer]
-        return (_chunk_inputs(base, source, len(part)), writes, cfg.site, lm.arch.n_heads, inp.metric,
-                answer.repeat(n, 1), wrong.repeat(n, 1), candidates)
+        writes = [Write(cfg.site, layer, rows, mask=mask, src=None if cfg.mode == "deletion" else src)
+                  for layer, rows, src, mask in per_layer]
+        return Forward(_chunk_inputs(base, source, len(part)),
+                       Readout(inp.metric, answer.repeat(n, 1), wrong.repeat(n, 1), candidates), writes,
+                       n_heads=lm.arch.n_heads)
 
     todo = [i for i in range(len(chunks)) if i not in done]
     if lm.remote:
-        fresh = dict(zip(todo, run_session(lm.model, trace_full, [job(*chunks[i]) for i in todo], lm.remote)))
+        fresh = dict(zip(todo, run_forwards(lm.model, [forward(*chunks[i]) for i in todo], lm.remote)))
     for i in range(len(chunks)):
         if i in done:
             out = done[i]
         elif lm.remote:
-            out = fresh[i]
+            out = fresh[i][0]
         else:
-            with torch.no_grad():
-                out = trace_full(lm.model, *job(*chunks[i]))
+            out = run_forwards(lm.model, [forward(*chunks[i])])[0][0]
         out = torch.as_tensor(out).float().cpu()
         source_v, base_v = out[:P], out[P:2 * P]
         for k, (li, ci) in enumerate(chunks[i][0]):

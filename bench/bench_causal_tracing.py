@@ -79,20 +79,31 @@ def time_min(fn, reps: int) -> float:
 def prefix_limit_fn(lm, fact, cfg, level):
     """The plain forwards the prefix engine runs for ``fact`` (inputs prepared once, outside the timing)."""
     from analyses import causal_tracing_prefix as CP
-    from interpkit.kv_cache import layer_kv, prefix_cache
+    from interpkit.engine.inside import apply_write, fill_write
+    from interpkit.kv_cache import layer_kv, positions, prefix_cache
     from tests.causal_tracing_ref import _blocks
 
     L, S = lm.arch.n_layers, cfg.samples
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)
     plan = CP.plan_fact(rest, len(fact.ids), fact.subject_first, L, cfg.window, S, cfg.max_rows, cfg.blocks)
-    bank = CT.noise_bank(fact, CT.fact_noise(cfg, fact, lm.arch.d_model, level))
+    job = CP.FactJob(fact, CT.fact_noise(cfg, fact, lm.arch.d_model, level), rest, torch.tensor([-1]))
+    sweep = CP.fact_sweep(job, plan, S, L)
     x = fact.ids[None].expand(S + 1, -1)
     with torch.no_grad():
         out = lm.hf(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, output_hidden_states=True)
     kv = [layer_kv(out.past_key_values, layer) for layer in range(L)]
-    resid = {CT._RESID: list(out.hidden_states[1:])}             # start states only need the residual stream
-    args = [CP.chunk_args(plan, c, fact.ids, bank, {**resid, CT._MLP: resid[CT._RESID],
-                                                     CT._ATTN: resid[CT._RESID]}, kv, S) for c in plan.chunks]
+    # start states only need the residual stream: every record stands in with its layer's residual
+    acts = [out.hidden_states[1 + layer] for _, layer in sweep.base.records]
+    mask = sweep.base.inputs["attention_mask"]
+    args = []
+    for c in sweep.chunks:                       # what the engine's run_chunk prepares, without nnsight
+        start = acts[c.start][c.rows, c.p0:].clone() if c.l0 > 0 else None
+        for w in c.writes:
+            if w.layer < c.l0:
+                apply_write(start, fill_write(w, acts, c.p0))
+        args.append({"inputs": {"input_ids": sweep.base.inputs["input_ids"][c.rows, c.p0:],
+                                "attention_mask": mask[c.rows], "position_ids": positions(mask)[c.rows, c.p0:]},
+                     "l0": c.l0, "start": start})
     blocks = _blocks(lm.hf)
 
     def limit():

@@ -264,13 +264,14 @@ def row_ct_engine(args) -> dict:
 def _ct_forwards(lm, fact, args):
     """The batched engine's forwards for ``fact``: (jobs with their restorations, rows per forward, picked)."""
     from analyses import causal_tracing as CT
+    from analyses.causal_tracing_prefix import FactJob
 
     cfg = trace_cfg(args, "batched")
     L = lm.arch.n_layers
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)
     noise = CT.fact_noise(cfg, fact, lm.arch.d_model, args.level)
-    jobs = CT._jobs(fact, noise, rest, cfg, L, torch.tensor([-1]))   # -1: the clean top-1
-    rows = [int(job[2].shape[0]) for job, _ in jobs]
+    jobs = CT.fact_forwards(FactJob(fact, noise, rest, torch.tensor([-1])), cfg, L)   # -1: the clean top-1
+    rows = [int(fwd.noise.rows.shape[0]) for fwd, _ in jobs]
     k = min(args.ct_forwards, len(jobs))
     pick = sorted({round(i * (len(jobs) - 1) / max(k - 1, 1)) for i in range(k)})
     return cfg, jobs, rows, pick
@@ -278,6 +279,7 @@ def _ct_forwards(lm, fact, args):
 
 def row_ct_batched(args) -> dict:
     from analyses import causal_tracing as CT
+    from interpkit.engine.inside import trace_forward
 
     lm = load(args)
     fact = ct_fact(lm, args)
@@ -287,7 +289,7 @@ def row_ct_batched(args) -> dict:
     with torch.no_grad():
         CT.trace_facts(lm, [fact], cfg, args.level, restorations=lambda f: [("hidden", len(f.ids) - 1, L - 1)])
         t = time.perf_counter()
-        outs = [CT.trace_rows(lm.model, *jobs[i][0]) for i in pick]
+        outs = [trace_forward(lm.model, jobs[i][0]) for i in pick]
         s = time.perf_counter() - t
     cells, vals = [], []
     for i, (p, _) in zip(pick, outs):

@@ -1,6 +1,6 @@
 """Key/value-cache helpers for engines that rerun only a suffix of a prompt on top of a cached prefix.
 
-Both prefix engines (``analyses.patching_prefix``, ``analyses.causal_tracing_prefix``) record a reference
+The sweep engine's suffix runs (``interpkit.engine``: patching, causal tracing) record a reference
 run's cache once and hand every later forward the first ``p`` positions of some of its rows.
 """
 from __future__ import annotations

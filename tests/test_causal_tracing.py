@@ -263,3 +263,43 @@ def test_remote_local_is_the_serialisation_round_trip(engine):
     assert rt.noise_level == local.noise_level
     for a, b in zip(local.facts, rt.facts):
         assert (a.scores - b.scores).abs().max().item() < 1e-6 and a.low == pytest.approx(b.low, abs=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["prefix", "batched"])
+def test_remote_local_round_trip_runs_the_engine_and_equals_local(engine, monkeypatch):
+    """Causal tracing with ``remote="local"`` goes through the engine's one session per chunk of facts:
+    each is serialised and deserialised (with our modules hidden, so the engine's records and trace
+    code must travel by value) and run here, never sent to a server, and the numbers equal the local
+    run's exactly."""
+    from nnsight.intervention.backends import local as simulated
+    from nnsight.intervention.backends import remote as ndif
+    from nnsight.schema.request import RequestModel
+
+    lm = sharp("neox")
+    ps = facts("neox", 2)
+    cfg = CT.TraceConfig(noise="3sigma", window=2, samples=2, severed=True, facts_per_chunk=2, engine=engine)
+    local = CT.run_causal_tracing(lm, ps, cfg)
+
+    payloads = []
+    real_serialize = RequestModel.serialize
+
+    def serialize(*args, **kwargs):
+        blob = real_serialize(*args, **kwargs)
+        payloads.append(len(blob))
+        return blob
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("remote='local' reached the NDIF backend")
+
+    monkeypatch.setattr(RequestModel, "serialize", staticmethod(serialize))
+    monkeypatch.setattr(ndif.RemoteBackend, "__call__", no_server)
+    calls = []
+    real_call = simulated.LocalSimulationBackend.__call__
+    monkeypatch.setattr(simulated.LocalSimulationBackend, "__call__",
+                        lambda self, tracer: calls.append(1) or real_call(self, tracer))
+    rt = CT.run_causal_tracing(dataclasses.replace(lm, remote="local"), ps, cfg)
+    assert len(calls) == len(payloads) == 2          # the dataset pass (3 sigma), then the chunk of facts
+    assert rt.noise_level == local.noise_level
+    for a, b in zip(local.facts, rt.facts):
+        assert torch.equal(a.scores, b.scores) and (a.low, a.high, a.answer_id) == (b.low, b.high, b.answer_id)
+    assert local.facts[0].ie.abs().max().item() > 1e-2                  # the comparison is not vacuous

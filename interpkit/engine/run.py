@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from interpkit.engine.inside import run_chunk, trace_reference
+from interpkit.engine.inside import (Forward, Readout, Reference, Suffix, Sweep, Write, in_forward_order, run_chunk,
+                                     trace_forward, trace_reference, trace_sweep)
 from interpkit.engine.plan import Chunk, Plan
 
 
@@ -52,59 +53,109 @@ def run_session(model, fn, jobs: list, remote) -> list:
     return outs
 
 
-def chunk_job(chunk: Chunk, layers: list[int]) -> tuple:
-    """A chunk as plain tensors and ints (what may travel to NDIF); source activations are indexed in
-    ascending layer order, the order the reference run records them in."""
-    order = sorted(layers)
-    writes = [(w.layer, order.index(w.layer), w.rows, w.pairs, w.mask) for w in chunk.writes]
-    return chunk.l0, chunk.p0, chunk.pairs, writes
+def run_traces(model, fn, jobs: list, remote=False) -> list:
+    """``fn(model, *job)`` for every job: one by one without gradients locally, one session (one
+    request) remotely."""
+    if remote:
+        return run_session(model, fn, jobs, remote)
+    with torch.no_grad():
+        return [fn(model, *job) for job in jobs]
+
+
+def run_forwards(model, forwards: list[Forward], remote=False) -> list[tuple]:
+    """``trace_forward`` of every forward: (metric per row, answer ids) each."""
+    return run_traces(model, trace_forward, [(f,) for f in forwards], remote)
+
+
+@dataclass
+class SweepValues:
+    """What a sweep reports."""
+
+    base: torch.Tensor             # [rows] metric of the base run
+    answer: torch.Tensor           # answer ids the base run scored
+    source: torch.Tensor | None    # [rows] metric of the source run (None: no source run)
+    chunks: list                   # [chunk rows] metric of each suffix run, in ``Sweep.chunks`` order
+
+
+def run_sweeps(model, sweeps: list[Sweep], remote=False, on_chunk=None, progress=None) -> list[SweepValues]:
+    """Execute sweeps: locally the reference runs once each (their records kept in memory) and the
+    chunks one by one; remotely every forward of every sweep in one session (one request), the records
+    and caches never leaving the server. ``on_chunk(i, j, values)`` follows chunk j of sweep i;
+    ``progress`` (an ``interpkit.progress.Stage``) advances once per chunk."""
+    out = []
+    with torch.no_grad():
+        if remote:
+            for base, answer, source, chunks in run_session(model, trace_sweep, [(s,) for s in sweeps], remote):
+                out.append(SweepValues(torch.as_tensor(base), torch.as_tensor(answer),
+                                       None if source is None else torch.as_tensor(source),
+                                       [torch.as_tensor(v) for v in chunks]))
+        for i, sweep in enumerate(sweeps):
+            if remote:
+                chunks = out[i].chunks
+            else:
+                base = trace_reference(model, sweep.base, sweep.n_layers, sweep.n_heads, True)
+                source = base
+                if sweep.source is not None:
+                    source = trace_reference(model, sweep.source, sweep.n_layers, sweep.n_heads, True)
+                chunks = []
+                out.append(SweepValues(base.values, base.answer, None if sweep.source is None else source.values,
+                                       chunks))
+            for j, job in enumerate(sweep.chunks):
+                if not remote:
+                    chunks.append(run_chunk(model, sweep, base, source, job))
+                if on_chunk is not None:
+                    on_chunk(i, j, chunks[j])
+                if progress is not None:
+                    progress.advance()
+    return out
+
+
+# -- activation patching's plan (``interpkit.engine.plan``) as a sweep -------------------------------------
+def patching_sweep(plan: Plan, layers: list[int], runs: SweepRuns, chunks: list[Chunk]) -> Sweep:
+    """The base run records the residual stream where ``chunks`` start (and keeps its cache), the source
+    run the swept site at ``layers``; each chunk's rows take the source activation (deletion: zeros)."""
+    L = runs.n_layers
+    readout = Readout(runs.metric, runs.answer, runs.wrong, runs.candidates)
+    starts = [l0 for l0 in plan.starts if 0 < l0] if chunks else []
+    base_records = [("resid_pre", l0) if l0 < L else ("resid_post", L - 1) for l0 in starts]
+    base_records = in_forward_order(base_records)
+    source_records = in_forward_order([(runs.site, layer) for layer in layers] if chunks else [])
+
+    def start_of(l0: int) -> int:
+        return base_records.index(("resid_pre", l0) if l0 < L else ("resid_post", L - 1)) if l0 > 0 else -1
+
+    def record_of(layer: int) -> int:
+        return source_records.index((runs.site, layer))
+
+    jobs = []
+    for c in chunks:
+        writes = [Write(runs.site, w.layer, w.rows, mask=w.mask, src=None if runs.deletion else w.pairs,
+                        record=None if runs.deletion else record_of(w.layer)) for w in c.writes]
+        jobs.append(Suffix(p0=c.p0, l0=c.l0, rows=c.pairs, writes=writes, start=start_of(c.l0), cache=c.l0 < L))
+    return Sweep(base=Reference(runs.base, readout, base_records, cache=bool(chunks)),
+                 source=Reference(runs.source, readout, source_records), chunks=jobs, n_layers=L,
+                 n_heads=runs.n_heads)
 
 
 def run_plan(model, plan: Plan, layers: list[int], runs: SweepRuns, remote=False, done: dict | None = None,
              on_chunk=None, progress=None) -> SweepOutput:
     """Execute ``plan``; ``done`` maps chunk index -> stored values (not rerun); ``on_chunk(i, values)``
-    is called as each local chunk finishes; ``progress`` is an ``interpkit.progress.Stage``."""
+    is called as each chunk finishes; ``progress`` is an ``interpkit.progress.Stage``."""
     done = done or {}
-    starts = plan.starts
-    ref = (runs.site, runs.n_heads, runs.n_layers, runs.metric, runs.answer, runs.wrong, runs.candidates)
     todo = [c for c in plan.chunks if c.index not in done]
-    if remote:
-        from interpkit.engine.inside import remote_sweep
-        from interpkit.remote import ensure_shipped
+    fresh = {}
 
-        ensure_shipped()
-        base, source, deletion = runs.base, runs.source, runs.deletion     # plain values only: no dataclass
-        jobs = [chunk_job(c, layers) for c in todo]                         # travels to NDIF (see inside.py)
-        with model.session(remote=remote):
-            outs = list().save()
-            outs.append(remote_sweep(model, base, source, layers, starts, ref, deletion, jobs))
-        base_v, source_v, fresh = outs[0]
-        fresh = dict(zip([c.index for c in todo], fresh))
-        for c in todo:
-            if on_chunk is not None:
-                on_chunk(c.index, torch.as_tensor(fresh[c.index]))
-            if progress is not None:
-                progress.advance()
-        requests = 1
-    else:
-        with torch.no_grad():
-            base_v, _, resid, kv = trace_reference(model, runs.base, runs.site, [], starts, runs.n_heads,
-                                                   runs.n_layers, *ref[3:], bool(todo), True)
-            source_v, acts, _, _ = trace_reference(model, runs.source, runs.site, layers if todo else [], [],
-                                                   runs.n_heads, runs.n_layers, *ref[3:], False, True)
-            fresh = {}
-            for c in todo:
-                fresh[c.index] = run_chunk(model, runs.base, kv, resid, acts, starts, ref, runs.deletion,
-                                           chunk_job(c, layers)).float().cpu()
-                if on_chunk is not None:
-                    on_chunk(c.index, fresh[c.index])
-                if progress is not None:
-                    progress.advance()
-        requests = 0
-    base_v, source_v = torch.as_tensor(base_v).float().cpu(), torch.as_tensor(source_v).float().cpu()
+    def finished(i: int, j: int, values: torch.Tensor) -> None:
+        fresh[todo[j].index] = values = values.float().cpu()
+        if on_chunk is not None:
+            on_chunk(todo[j].index, values)
+
+    sweep = patching_sweep(plan, layers, runs, todo)
+    out = run_sweeps(model, [sweep], remote, finished, progress)[0]
+    base_v, source_v = out.base.float().cpu(), out.source.float().cpu()
     P = base_v.shape[0]
     values = base_v[:, None, None].expand(P, len(layers), plan.skipped.shape[2]).clone()
     for c in plan.chunks:
-        out = torch.as_tensor(done[c.index] if c.index in done else fresh[c.index]).float()
-        values[c.pairs, c.cells[:, 0], c.cells[:, 1]] = out
-    return SweepOutput(base=base_v, source=source_v, values=values, requests=requests)
+        v = torch.as_tensor(done[c.index] if c.index in done else fresh[c.index]).float()
+        values[c.pairs, c.cells[:, 0], c.cells[:, 1]] = v
+    return SweepOutput(base=base_v, source=source_v, values=values, requests=1 if remote else 0)
