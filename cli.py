@@ -72,13 +72,16 @@ def demo(retrain: bool = typer.Option(False, help="Train the S3 model from its r
 def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. artifacts/models/s3-demo/recipe.json)."),
           output_dir: str = typer.Option("artifacts/models/s3-train", help="Checkpoints and the final model."),
           n: int = typer.Option(None, help="S_n: 3 or 5 (any small n)."),
-          arch: str = typer.Option(None, help="gpt2 (learned positions) or neox (rotary), from scratch."),
+          arch: str = typer.Option(None, help="gpt2 (learned positions), neox (rotary) or mistral (rotary, "
+                                              "sliding-window attention: --window), from scratch."),
+          window: int = typer.Option(None, help="mistral: attention window in tokens, itself included."),
           base_model: str = typer.Option(None, help="Fine-tune this hub id / local model instead."),
           layers: int = typer.Option(None), d_model: int = typer.Option(None), heads: int = typer.Option(None),
           train_len: int = typer.Option(None, help="Story length (tokens)."),
           steps: int = typer.Option(None), batch_size: int = typer.Option(None), lr: float = typer.Option(None),
           seed: int = typer.Option(None), resume: bool = typer.Option(True, help="Continue from the last checkpoint."),
-          supervision: str = typer.Option(None, help="direct_state | parity | next_token (topic-model stories)."),
+          supervision: str = typer.Option(None, help="direct_state | parity | next_token (topic-model stories) | "
+                                                      "scratchpad (states interleaved, generated)."),
           dtype: str = typer.Option(None, help="float32 | bfloat16 (mixed precision)."),
           patience: int = typer.Option(None, help="Early stopping: evaluations without a lower validation loss."),
           save_every: int = typer.Option(None, help="Save a checkpoint every N steps and keep all of them."),
@@ -88,7 +91,7 @@ def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. 
           min_len: int = typer.Option(None, help="Mixed lengths: each step's length uniform in [min_len, train_len]."),
           init_std: float = typer.Option(None, help="Initializer std (the demo uses 0.1)."),
           topic_mapping: str = typer.Option(None, help="next_token: JSON topic-word matrix to start from.")) -> None:
-    """Train a model on permutation state tracking (direct_state, parity) or topic-model stories (next_token)."""
+    """Train a model on permutation state tracking (direct_state, parity, scratchpad) or topic-model stories (next_token)."""
     from interpkit import validate as V
     from interpkit.training import train_command
 
@@ -96,7 +99,7 @@ def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. 
              "n_heads": heads, "train_len": train_len, "steps": steps, "batch_size": batch_size, "lr": lr,
              "seed": seed, "supervision": supervision, "dtype": dtype, "patience": patience, "eval_every": eval_every,
              "positions": positions, "rotary_pct": rotary_pct, "min_len": min_len, "init_std": init_std,
-             "topic_mapping": topic_mapping}
+             "topic_mapping": topic_mapping, "window": window}
     if save_every is not None:
         given.update(save_every=save_every, keep_checkpoints=0)
     V.train_options(recipe, output_dir, given)
@@ -114,7 +117,9 @@ def evaluate(model: str = typer.Option(..., help="A trained model directory."),
              random_baseline: bool = typer.Option(False, help="Evaluate a random-weight copy of the model instead."),
              lengthwise: str = typer.Option(None, help="Also the lengthwise probe: lengths start:end[:step], "
                                                        "e.g. 2:16:2 (layer x length heatmap of final-state probes)."),
-             probe_stories: int = typer.Option(300, help="Stories per length for the lengthwise probe.")) -> None:
+             probe_stories: int = typer.Option(300, help="Stories per length for the lengthwise probe."),
+             signature: bool = typer.Option(False, help="Also the AA/PAA signature at the training length: per-layer "
+                                                        "state/parity probes and parity-pair prefix patching.")) -> None:
     """Length generalisation: state/parity accuracy per position up to 2x the training length, 0.98 cutoff."""
     from analyses.state_tracking import eval_command
     from interpkit import validate as V
@@ -122,7 +127,7 @@ def evaluate(model: str = typer.Option(..., help="A trained model directory."),
     V.eval_options(model, factor, train_len, n, stories, seed, out)
     eval_command(model, factor=factor, train_len=train_len, n=n, stories=stories, seed=seed, out=out, dtype=dtype,
                  skip_layers=_int_list(skip_layers), random_baseline=random_baseline, lengthwise=lengthwise,
-                 probe_stories=probe_stories, echo=typer.echo)
+                 probe_stories=probe_stories, signature=signature, echo=typer.echo)
 
 
 @app.command()

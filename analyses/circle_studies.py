@@ -1,4 +1,6 @@
-"""Two more of Engels et al.'s (2024) circle experiments, on top of ``analyses.circles``.
+"""Two more of Engels et al.'s (2024) circle experiments: their results and figures, and the feature
+deconstruction (numpy only). ``analyses.circles`` runs the sweep (``circle_sweep``: it is an intervention
+through the circle probe's forwards) and imports this module; nothing here imports it back.
 
 **Intervening in the middle of the circle** (their Figure 6, ``intervene_in_middle_of_circle.py``): at one
 layer, the start token's residual is set to the mean activation except in the probe's circle plane, where
@@ -18,23 +20,12 @@ after a step is what those features do not account for.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from interpkit.errors import UserError
-from interpkit.plots import finish
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from interpkit.plots import finish, pyplot
 
 
 # -- intervening in the middle of the circle ------------------------------------------------------------
@@ -54,13 +45,13 @@ class SweepResult:
     timings: dict = field(default_factory=dict)
 
     def plot(self, path=None, task: str = ""):
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         deg = np.degrees(self.angles)
         ext = [deg[0], deg[-1], self.radii[0], self.radii[-1]]
         for ax, data, title, cmap in ((axes[0], self.share_to - self.share_from,
                                        f"share(to={self.to}) - share(from={self.frm})", "coolwarm"),
-                                      (axes[1], self.logit_diff, f"logit(c_from) - logit(c_to)", "PuOr")):
+                                      (axes[1], self.logit_diff, "logit(c_from) - logit(c_to)", "PuOr")):
             vmax = float(np.nanmax(np.abs(data))) or 1.0
             im = ax.imshow(data, origin="lower", aspect="auto", extent=ext, cmap=cmap, vmin=-vmax, vmax=vmax)
             ax.set_xlabel("angle (degrees)")
@@ -85,67 +76,6 @@ class SweepResult:
         for i, r in enumerate(self.radii):
             lines.append(f"{r:14.2f} " + " ".join(f"{x:6.2f}" for x in self.share_to[i]))
         return "\n".join(lines)
-
-
-def circle_sweep(lm, prompts, fit, layer: int, frm: int, to: int, radii=None, n_angles: int = 13,
-                 role: str = "start", max_rows: int = 1024, progress=None) -> SweepResult:
-    """Set the role token's residual entering ``layer`` to the point r (cos t, sin t) of the circle probe
-    ``fit`` (probe_on must be cos, sin) for every radius and angle from value ``frm`` to value ``to``, in
-    every problem; see the module docstring."""
-    from analyses.circles import ROLE_OTHER, _answer_candidates, _meta_tensor, _run_chunks
-
-    if tuple(fit.probe_on) != ("cos", "sin"):
-        raise UserError("the circle sweep needs the probe on cos,sin (--probe-on cos,sin)")
-    if role not in ("start", "duration"):
-        raise UserError("the circle sweep moves an operand: role start or duration")
-    p = fit.period
-    if not (0 <= frm < p and 0 <= to < p) or frm == to:
-        raise UserError(f"--sweep-between {frm},{to}: two different values in 0..{p - 1}")
-    if not 0 <= layer < lm.arch.n_layers:
-        raise UserError(f"layer {layer} is out of range; the sweep uses layers 0..{lm.arch.n_layers - 1}")
-    radii = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.9] if radii is None else radii, dtype=np.float64)
-    a0, a1 = 2 * math.pi * frm / p, 2 * math.pi * to / p
-    if a1 <= a0:
-        a1 += 2 * math.pi                                          # forward from ``frm`` to ``to``
-    angles = np.linspace(a0, a1, n_angles)
-    other = _meta_tensor(prompts, ROLE_OTHER[role])
-    answers = _meta_tensor(prompts, "c") % p
-    cand = _answer_candidates(prompts, answers, p)
-    N = len(prompts)
-    rr, aa = np.meshgrid(radii, angles, indexing="ij")
-    targets = torch.tensor(np.stack([rr * np.cos(aa), rr * np.sin(aa)], -1).reshape(-1, 2))
-    points = fit.points_for(targets, layer).float()                # [R*A, d]
-    pos = prompts.roles[role]
-    items = [(g, i) for g in range(len(targets)) for i in range(N)]
-    per = max(1, max_rows - N)
-    chunks = []
-    for s in range(0, len(items), per):
-        part = items[s:s + per]
-        i = torch.tensor([it[1] for it in part])
-        g = torch.tensor([it[0] for it in part])
-        entry = {"at": layer, "circle": (torch.arange(len(part)) + N, pos[i], None, None, g), "layer": None,
-                 "pca": None, "mean": None, "points": points, "mean_vec": fit.mean[layer].float(),
-                 "V": fit.V[layer].float()}
-        chunks.append((part, i, [entry]))
-    clean = prompts.batch()
-    outs = _run_chunks(lm, clean, chunks, cand)
-    if progress is not None:
-        progress(len(chunks))
-    logits = torch.cat([o[N:] for o in outs]).reshape(len(targets), N, p)
-    pred = logits.argmax(-1)                                       # answer value
-    implied = (pred - other[None]) % p if role == "start" else (pred - _meta_tensor(prompts, "a")[None]) % p
-    c_from, c_to = (frm + other) % p, (to + other) % p
-    if role == "duration":
-        a = _meta_tensor(prompts, "a")
-        c_from, c_to = (a + frm) % p, (a + to) % p
-    ld = logits.gather(2, c_from.expand(len(targets), N)[..., None])[..., 0] - \
-        logits.gather(2, c_to.expand(len(targets), N)[..., None])[..., 0]
-    R, A = len(radii), n_angles
-    imp = implied.reshape(R, A, N).numpy()
-    return SweepResult(layer=layer, frm=frm, to=to, radii=radii, angles=angles,
-                       share_from=(imp == frm).mean(-1), share_to=(imp == to).mean(-1),
-                       share_other=((imp != frm) & (imp != to)).mean(-1),
-                       logit_diff=ld.reshape(R, A, N).mean(-1).numpy(), implied=imp, n_problems=N)
 
 
 # -- residual RGB plots and feature deconstruction -----------------------------------------------------
@@ -200,7 +130,7 @@ class Deconstruction:
     pca_ratios: list[np.ndarray]
 
     def plot(self, path=None, task: str = "", a_label: str = "a (start)", b_label: str = "b (duration)"):
-        plt = _plt()
+        plt = pyplot()
         n = len(self.steps)
         fig, axes = plt.subplots(1, n, figsize=(2.9 * n, 3.3), squeeze=False)
         for ax, step, r2, img, ratio in zip(axes[0], self.steps, self.r2, self.images, self.pca_ratios):

@@ -24,6 +24,10 @@ Z_p (p = 7 or 12) at a role token (``start`` by default):
 3. **Probe variants** (the paper's ``--probe_on_cos/--probe_on_sin``): ``probe_on`` picks the targets among
    cos, sin and "linear" (a - (p - 1) / 2); the patch then sets every probed coordinate.
 
+4. **Inside the circle** (``circle_sweep``, Engels et al.'s Figure 6): the role token's residual set to points
+   r (cos t, sin t) of the probe's plane between two values' angles; results and figures in
+   ``analyses.circle_studies``.
+
 All problems, all layers and all methods are rows of a few batched forwards; remotely one request.
 The replacement data is tiny (per layer: mean, PCA basis, the p circle points), the source rows are the
 clean problems in the same batch.
@@ -35,12 +39,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
-from interpkit.engine.run import run_session
+from analyses.circle_studies import DEFAULT_STEPS, SweepResult, deconstruct
 from analyses.probing import collect_residuals, random_like
+from interpkit.engine.run import run_session
 from interpkit.errors import UserError
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 from interpkit.progress import stage
 from interpkit.remote import ensure_shipped
 from interpkit.sites import site
@@ -236,12 +242,16 @@ def plan_items(values, others, period: int, layers: list[int], methods, per_prob
     return items, pairs
 
 
+def _forward_parts(items: list, N: int, max_rows: int) -> list[list]:
+    """``items`` cut into the patched rows of forwards of at most ``max_rows`` rows (the N clean rows first)."""
+    per = max(1, max_rows - N)
+    return [items[s:s + per] for s in range(0, len(items), per)]
+
+
 def _chunk_plan(items, N: int, pos: torch.Tensor, fit: CircleFit, max_rows: int, n_layers: int | None = None):
     """Split items into forwards; per forward: the row sources and, per layer, per method, index tensors."""
-    per = max(1, max_rows - N)
     chunks = []
-    for s in range(0, len(items), per):
-        part = items[s:s + per]
+    for part in _forward_parts(items, N, max_rows):
         src_rows = torch.tensor([it[2] for it in part])
         by_layer = []
         for layer in sorted({it[0] for it in part}):
@@ -338,7 +348,7 @@ class CircleResult:
     # -- plots ------------------------------------------------------------------------------------
     def plot_r2(self, path=None, label: str = "model", other: "CircleResult | None" = None,
                 other_label: str = "random init"):
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for res, lab, c in ((self, label, "C0"), (other, other_label, "C3")):
             if res is None:
@@ -358,7 +368,7 @@ class CircleResult:
 
     def plot_scatter(self, path=None, layers: list[int] | None = None):
         """Top-2 PCA coordinates at the role token, coloured by value, one panel per layer."""
-        plt = _plt()
+        plt = pyplot()
         layers = layers if layers is not None else list(range(len(self.fit.r2)))
         n = len(layers)
         fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
@@ -372,7 +382,7 @@ class CircleResult:
         return finish(fig, path)
 
     def plot_interventions(self, path=None):
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         style = {"circle": ("o", "-"), "layer": ("s", "--"), "pca": ("^", ":"), "mean": ("x", "-.")}
         for a, m in enumerate(self.methods):
@@ -392,25 +402,15 @@ class CircleResult:
         return finish(fig, path)
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-
-
-def _meta_tensor(prompts, key: str) -> torch.Tensor:
-    if key not in prompts.meta:
-        raise UserError(f"task {prompts.task!r} has no meta field {key!r} (has: {', '.join(sorted(prompts.meta))})")
-    vals = prompts.meta[key]
+def meta_tensor(prompts, key: str) -> torch.Tensor:
+    """Meta field ``key`` as a [N] long tensor (values in Z_p), or a one-line error."""
+    vals = prompts.meta_field(key)
     if not all(isinstance(v, int) for v in vals):
         raise UserError(f"meta field {key!r} must hold integers (values in Z_p), got {type(vals[0]).__name__}")
     return torch.tensor(vals, dtype=torch.long)
 
 
-def _answer_candidates(prompts, answers: torch.Tensor, period: int) -> torch.Tensor:
+def answer_candidates(prompts, answers: torch.Tensor, period: int) -> torch.Tensor:
     """Token id of each answer value 0..p-1 (from the prompts' own answer tokens)."""
     cand = torch.full((period,), -1, dtype=torch.long)
     for v, tok in zip(answers.tolist(), prompts.answer_ids[:, 0].tolist()):
@@ -431,13 +431,11 @@ def run_circles(lm, prompts, cfg: CircleConfig | None = None) -> CircleResult:
     n_layers = lm.arch.n_layers
     cfg.validate(n_layers)
     token = ROLE_TOKEN.get(cfg.role, cfg.role)
-    if token not in prompts.roles:
-        raise UserError(f"task {prompts.task!r} has no role {cfg.role!r} ({', '.join(sorted(prompts.roles))})")
+    pos = prompts.role(token)
     value_key = cfg.value or ROLE_VALUE.get(cfg.role, cfg.role)
-    values = _meta_tensor(prompts, value_key)
+    values = meta_tensor(prompts, value_key)
     period = cfg.period or PERIODS.get(prompts.task) or len(torch.unique(values))
     values = values % period
-    pos = prompts.roles[token]
     t0 = time.perf_counter()
     print(f"circle probe: {len(prompts)} prompts, {n_layers + 1} residual layers at {token!r}", file=sys.stderr)
     acts = collect_residuals(lm, prompts, pos, chunk_rows=cfg.chunk_rows)            # [N, L+1, d]
@@ -458,9 +456,9 @@ def run_circles(lm, prompts, cfg: CircleConfig | None = None) -> CircleResult:
 
 
 def _intervene(lm, prompts, cfg: CircleConfig, fit: CircleFit, values, period, pos, res: CircleResult) -> None:
-    others = _meta_tensor(prompts, ROLE_OTHER[cfg.role])   # role result: c -> c' with b fixed; new answer c'
-    answers = _meta_tensor(prompts, "c") % period
-    cand = _answer_candidates(prompts, answers, period)
+    others = meta_tensor(prompts, ROLE_OTHER[cfg.role])   # role result: c -> c' with b fixed; new answer c'
+    answers = meta_tensor(prompts, "c") % period
+    cand = answer_candidates(prompts, answers, period)
     layers = cfg.layers if cfg.layers is not None else list(range(lm.arch.n_layers))
     methods = list(cfg.methods)
     items, pairs = plan_items(values, others, period, layers, methods, cfg.targets_per_problem, cfg.seed)
@@ -510,6 +508,63 @@ def _run_chunks(lm, clean: dict, chunks, cand) -> list[torch.Tensor]:
             outs.append(trace_interventions(lm.model, *job))
             bar.advance()
     return outs
+
+
+def circle_sweep(lm, prompts, fit, layer: int, frm: int, to: int, radii=None, n_angles: int = 13,
+                 role: str = "start", max_rows: int = 1024, progress=None) -> SweepResult:
+    """Set the role token's residual entering ``layer`` to the point r (cos t, sin t) of the circle probe
+    ``fit`` (probe_on must be cos, sin) for every radius and angle from value ``frm`` to value ``to``, in
+    every problem (Engels et al.'s Figure 6; ``analyses.circle_studies``)."""
+    if tuple(fit.probe_on) != ("cos", "sin"):
+        raise UserError("the circle sweep needs the probe on cos,sin (--probe-on cos,sin)")
+    if role not in ("start", "duration"):
+        raise UserError("the circle sweep moves an operand: role start or duration")
+    p = fit.period
+    if not (0 <= frm < p and 0 <= to < p) or frm == to:
+        raise UserError(f"--sweep-between {frm},{to}: two different values in 0..{p - 1}")
+    if not 0 <= layer < lm.arch.n_layers:
+        raise UserError(f"layer {layer} is out of range; the sweep uses layers 0..{lm.arch.n_layers - 1}")
+    radii = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.9] if radii is None else radii, dtype=np.float64)
+    a0, a1 = 2 * math.pi * frm / p, 2 * math.pi * to / p
+    if a1 <= a0:
+        a1 += 2 * math.pi                                          # forward from ``frm`` to ``to``
+    angles = np.linspace(a0, a1, n_angles)
+    other = meta_tensor(prompts, ROLE_OTHER[role])
+    answers = meta_tensor(prompts, "c") % p
+    cand = answer_candidates(prompts, answers, p)
+    N = len(prompts)
+    rr, aa = np.meshgrid(radii, angles, indexing="ij")
+    targets = torch.tensor(np.stack([rr * np.cos(aa), rr * np.sin(aa)], -1).reshape(-1, 2))
+    points = fit.points_for(targets, layer).float()                # [R*A, d]
+    pos = prompts.roles[role]
+    items = [(g, i) for g in range(len(targets)) for i in range(N)]
+    chunks = []
+    for part in _forward_parts(items, N, max_rows):
+        i = torch.tensor([it[1] for it in part])
+        g = torch.tensor([it[0] for it in part])
+        entry = {"at": layer, "circle": (torch.arange(len(part)) + N, pos[i], None, None, g), "layer": None,
+                 "pca": None, "mean": None, "points": points, "mean_vec": fit.mean[layer].float(),
+                 "V": fit.V[layer].float()}
+        chunks.append((part, i, [entry]))
+    clean = prompts.batch()
+    outs = _run_chunks(lm, clean, chunks, cand)
+    if progress is not None:
+        progress(len(chunks))
+    logits = torch.cat([o[N:] for o in outs]).reshape(len(targets), N, p)
+    pred = logits.argmax(-1)                                       # answer value
+    implied = (pred - other[None]) % p if role == "start" else (pred - meta_tensor(prompts, "a")[None]) % p
+    c_from, c_to = (frm + other) % p, (to + other) % p
+    if role == "duration":
+        a = meta_tensor(prompts, "a")
+        c_from, c_to = (a + frm) % p, (a + to) % p
+    ld = logits.gather(2, c_from.expand(len(targets), N)[..., None])[..., 0] - \
+        logits.gather(2, c_to.expand(len(targets), N)[..., None])[..., 0]
+    R, A = len(radii), n_angles
+    imp = implied.reshape(R, A, N).numpy()
+    return SweepResult(layer=layer, frm=frm, to=to, radii=radii, angles=angles,
+                       share_from=(imp == frm).mean(-1), share_to=(imp == to).mean(-1),
+                       share_other=((imp != frm) & (imp != to)).mean(-1),
+                       logit_diff=ld.reshape(R, A, N).mean(-1).numpy(), implied=imp, n_problems=N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -584,18 +639,15 @@ def _check_studies(lm, prompts, cfg: CircleConfig, sweep, rgb_layers, rgb_role) 
         if tuple(cfg.probe_on) != ("cos", "sin") or cfg.role not in ("start", "duration"):
             raise UserError("the sweep needs --probe-on cos,sin and --role start or duration")
     if rgb_layers:
-        if rgb_role not in prompts.roles:
-            raise UserError(f"task {prompts.task!r} has no role {rgb_role!r} ({', '.join(sorted(prompts.roles))})")
+        prompts.role(rgb_role)                      # a one-line error when the task has no such role
         if any(not 0 <= l <= L for l in rgb_layers):
             raise UserError(f"--rgb-layers: layers 0..{L} (0 = embeddings)")
 
 
 def _studies(lm, prompts, res: CircleResult, out, sweep, rgb_layers, rgb_role, rgb_steps, figures) -> dict:
-    """The optional middle-of-circle sweep and residual RGB deconstruction of ``circle_command``."""
-    import numpy as np
+    """The optional middle-of-circle sweep and residual RGB deconstruction of ``circle_command`` (options
+    checked by ``_check_studies``)."""
     import pandas as pd
-
-    from analyses.circle_studies import DEFAULT_STEPS, circle_sweep, deconstruct
 
     extra: dict = {"lines": []}
     if sweep is not None:
@@ -613,10 +665,6 @@ def _studies(lm, prompts, res: CircleResult, out, sweep, rgb_layers, rgb_role, r
         extra["lines"] += [f"sweep at layer {layer} from value {frm} to {to}: share of problems whose answer implies "
                            f"{to} (rows: radius, columns: angle in degrees)", sw.table()]
     if rgb_layers:
-        if rgb_role not in prompts.roles:
-            raise UserError(f"task {prompts.task!r} has no role {rgb_role!r} ({', '.join(sorted(prompts.roles))})")
-        if any(not 0 <= l <= lm.arch.n_layers for l in rgb_layers):
-            raise UserError(f"--rgb-layers: layers 0..{lm.arch.n_layers} (0 = embeddings)")
         acts = collect_residuals(lm, prompts, prompts.roles[rgb_role], chunk_rows=res.config.chunk_rows)
         a, b, c = (np.array(prompts.meta[k]) for k in ("a", "b", "c"))
         steps = tuple(rgb_steps or DEFAULT_STEPS)

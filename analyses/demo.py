@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 
-from analyses.patching import PatchConfig, run_patching
-from analyses.probing import ProbeConfig, probe_layers
-from analyses.state_tracking import prefix_boundary, signature
+from analyses.state_tracking import measure_signature
 from interpkit.models import load_model
 from interpkit.plots import finish
 from interpkit.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
-from tasks.permutations import encode_actions, parity_pairs, sample_stories, symmetric_group
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "artifacts" / "models" / "s3-demo"
@@ -55,27 +52,15 @@ def run_demo(out: str | Path = "artifacts/demo", *, retrain: bool = False, n_pro
     timings["eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    st = sample_stories(n_probe, T, n, seed=777)
-    ids = encode_actions(st.actions, lm.tokenizer, n)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    probes = probe_layers(lm, inputs, {"state": st.states, "parity": symmetric_group(n).parity[st.states]},
-                          positions="all", cfg=ProbeConfig(seed=0))
+    run = measure_signature(lm, n, T, n_probe=n_probe, n_pairs=n_pairs)
+    probes, sweeps, boundaries, sig = run.probes, run.sweeps, run.boundaries, run.signature
     probes.plot(out / "probe_accuracy.png", title=f"S{n} demo model: linear probes (held-out prompts)")
-    timings["probe_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sweeps, boundaries = {}, {}
-    for kind in ("same", "diff"):
-        pairs = parity_pairs(lm.tokenizer, n_pairs, T, n, seed=99 if kind == "same" else 98, parity=kind)
-        res = run_patching(lm, pairs, PatchConfig(site="resid_post", region="prefix", direction="noise"))
-        sweeps[kind] = res
-        boundaries[kind] = prefix_boundary(res.effect(), res.cells)
+    for kind, res in sweeps.items():
         _heatmap(res.effect(clip=True), res.layers, res.cells, out / f"prefix_patching_{kind}_parity.png",
                  f"prefix patching, {kind}-parity first action (clipped NLD)")
-    timings["patching_s"] = time.perf_counter() - t
+    timings["probe_patching_s"] = time.perf_counter() - t
 
     i_state, i_parity = probes.targets.index("state"), probes.targets.index("parity")
-    sig = signature(probes.test_acc[i_state], probes.test_acc[i_parity], boundaries["same"], boundaries["diff"])
     timings["total_s"] = time.perf_counter() - t0
     summary = {
         "model": {"path": str(model_dir.relative_to(REPO) if model_dir.is_relative_to(REPO) else model_dir),

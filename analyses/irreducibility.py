@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interpkit.plots import finish, pyplot
+
 
 def _center(points: torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(points, dtype=torch.float64)
@@ -159,15 +161,6 @@ def synthetic_cloud(kind: str, n: int = 2000, noise: float = 0.02, seed: int = 0
 CLOUDS = ("circle", "two_lines", "gaussian", "square")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def synthetic_table(n: int = 1000, eps: float = 0.1, seed: int = 0) -> list[dict]:
     """Both indices of each synthetic cloud (with the clouds, for plotting)."""
     rows = []
@@ -206,9 +199,7 @@ def layer_table(acts, eps: float = 0.1, n_pcs: int = 5) -> tuple[list[dict], tor
 
 
 def plot_synthetic(rows: list[dict], path=None):
-    from interpkit.plots import finish
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.5), squeeze=False)
     for ax, r in zip(axes[0], rows):
         x = r["points"]
@@ -223,9 +214,7 @@ def plot_synthetic(rows: list[dict], path=None):
 
 
 def plot_layer(rows: list[dict], Z: torch.Tensor, values, period: int, path=None, title: str = ""):
-    from interpkit.plots import finish
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.5), squeeze=False)
     for i, (ax, r) in enumerate(zip(axes[0], rows)):
         sc = ax.scatter(Z[:, i], Z[:, i + 1], c=torch.as_tensor(values) % period, cmap="hsv", vmin=0,
@@ -268,12 +257,11 @@ def reducibility_command(model: str | None = None, task: str = "days", layer: in
 
         lm = load_model(model)
         prompts = get_task(task)(lm.tokenizer)
-        if role not in prompts.roles:
-            raise UserError(f"task {task!r} has no role {role!r} ({', '.join(sorted(prompts.roles))})")
+        positions = prompts.role(role)
         layers = list(range(lm.arch.n_layers + 1)) if layer is None else [layer]
         if any(not 0 <= l <= lm.arch.n_layers for l in layers):
             raise UserError(f"layer {layer} is out of range; 0..{lm.arch.n_layers} (0 = embeddings)")
-        acts = collect_residuals(lm, prompts, prompts.roles[role])
+        acts = collect_residuals(lm, prompts, positions)
         key = {"start": "a", "duration": "b", "end": "c"}.get(role)
         values = torch.tensor(prompts.meta[key]) if key else torch.zeros(len(prompts))
         period = {"days": 7, "months": 12}.get(task, int(values.max()) + 1)

@@ -62,7 +62,7 @@ def scan_known(lm, prompts, want: int | None, subject_mask: torch.Tensor, chunk:
     ``subject_mask`` [N, T] marks the subject tokens. ``stats`` says what was reused and computed.
     """
     path = user_cache("known") / f"{model_fingerprint(lm)}-{dataset_fingerprint(prompts)}.json"
-    scan = _read(path, len(prompts)) if cache else None
+    scan = read_cached_scan(path, len(prompts)) if cache else None
     stats = {"cached_std": scan is not None and scan.subject_std is not None,
              "cached_top1": len(scan.top1) if scan else 0, "scanned": 0}
     scan = scan or KnownScan(n_dataset=len(prompts))
@@ -86,7 +86,7 @@ def scan_known(lm, prompts, want: int | None, subject_mask: torch.Tensor, chunk:
     return scan, stats
 
 
-def _inputs(prompts, rows: slice) -> dict:
+def _row_inputs(prompts, rows: slice) -> dict:
     mask = prompts.attention_mask[rows]
     return {"input_ids": prompts.input_ids[rows], "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
@@ -97,7 +97,7 @@ def _subject_std(lm, prompts, subject_mask: torch.Tensor, chunk: int) -> float:
     total = torch.zeros(3, dtype=torch.float64)
     for lo in range(0, len(prompts), chunk):
         rows = slice(lo, min(lo + chunk, len(prompts)))
-        with torch.no_grad(), lm.model.trace(_inputs(prompts, rows), remote=lm.remote) as tracer:
+        with torch.no_grad(), lm.model.trace(_row_inputs(prompts, rows), remote=lm.remote) as tracer:
             e = lm.model.embed.output
             x = e[subject_mask[rows].to(e.device)].double()
             stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]).cpu().save()
@@ -108,12 +108,13 @@ def _subject_std(lm, prompts, subject_mask: torch.Tensor, chunk: int) -> float:
 
 
 def _top1(lm, prompts, rows: slice) -> torch.Tensor:
-    with torch.no_grad(), lm.model.trace(_inputs(prompts, rows), remote=lm.remote, logits_to_keep=1):
+    with torch.no_grad(), lm.model.trace(_row_inputs(prompts, rows), remote=lm.remote, logits_to_keep=1):
         top1 = lm.model.output.logits[:, -1].argmax(-1).cpu().save()
     return torch.as_tensor(top1)
 
 
-def _read(path: Path, n: int) -> KnownScan | None:
+def read_cached_scan(path: Path, n: int) -> KnownScan | None:
+    """The cached scan at ``path`` if it is readable and of a dataset of ``n`` prompts, else None."""
     try:
         data = json.loads(path.read_text())
         scan = KnownScan(**data)

@@ -26,7 +26,7 @@ import torch
 
 from interpkit.engine.run import run_session
 from interpkit.errors import UserError
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 from interpkit.remote import ensure_shipped
 from interpkit.sites import site
 
@@ -36,7 +36,7 @@ IGNORE = -1
 # ----------------------------------------------------------------------------------------------------
 # 1. activations
 # ----------------------------------------------------------------------------------------------------
-def _inputs(prompts) -> dict[str, torch.Tensor]:
+def model_inputs(prompts) -> dict[str, torch.Tensor]:
     """Model inputs from a PromptSet, a dict of tensors, or an [N, T] tensor of ids."""
     if hasattr(prompts, "batch"):
         return prompts.batch()
@@ -85,7 +85,7 @@ def collect_residuals(lm, prompts, positions="all", *, chunk_rows: int = 64,
     with ``lm.remote`` (True: NDIF; "local": nnsight's serialisation round trip) all chunks are one
     session, i.e. one request.
     """
-    inputs = _inputs(prompts)
+    inputs = model_inputs(prompts)
     pos, squeeze = position_index(inputs, positions)
     N = pos.shape[0]
     jobs = []
@@ -266,10 +266,7 @@ class ProbeResult:
 
     def plot(self, path=None, title: str = "linear probe accuracy"):
         """Test accuracy vs layer, one line per target (train dashed, chance dotted)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, t in enumerate(self.targets):
             line, = ax.plot(self.layers, self.test_acc[i].numpy(), marker="o", label=f"{t} (test)")
@@ -347,7 +344,7 @@ def probe_layers(lm, prompts, labels: dict[str, torch.Tensor], positions="all",
     ignored automatically) or [N] / [N, T] for positions="last" (the last column is used).
     """
     cfg = cfg or ProbeConfig()
-    inputs = _inputs(prompts)
+    inputs = model_inputs(prompts)
     N = inputs["input_ids"].shape[0]
     t0 = time.perf_counter()
     acts = collect_residuals(lm, inputs, positions, chunk_rows=cfg.chunk_rows)
@@ -394,10 +391,7 @@ class LengthwiseResult:
 
     def plot(self, path=None):
         """One heatmap (layer x length) of final-position test accuracy per target."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         n = len(self.targets)
         fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.8), squeeze=False)
         for i, t in enumerate(self.targets):
@@ -473,10 +467,7 @@ def labels_from_meta(prompts, targets: list[str], positions) -> dict[str, torch.
     N, T = prompts.input_ids.shape
     out = {}
     for name in targets:
-        if name not in prompts.meta:
-            raise UserError(f"task {prompts.task!r} has no meta field {name!r}; "
-                            f"available: {', '.join(sorted(prompts.meta)) or 'none'}")
-        vals = prompts.meta[name]
+        vals = prompts.meta_field(name)
         per_pos = isinstance(vals[0], (list, tuple)) and not isinstance(vals[0], str)
         flat = [v for row in vals for v in row] if per_pos else list(vals)
         index = {v: i for i, v in enumerate(sorted(set(flat), key=repr))}

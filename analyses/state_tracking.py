@@ -37,7 +37,7 @@ def prefix_boundary(effect: torch.Tensor, positions: list[int], level: float = 0
 class Signature:
     """Which algorithm the evidence favours, and why, in numbers."""
 
-    verdict: str                    # "AA", "PAA" or "inconclusive"
+    verdict: str                    # "AA", "PAA", "sequential" (one-step update from a scratchpad) or "inconclusive"
     strength: str                   # "strong", "moderate", "weak"
     state_first_layer: int | None
     parity_first_layer: int | None
@@ -56,6 +56,10 @@ def signature(state_acc: torch.Tensor, parity_acc: torch.Tensor, boundary_same: 
     if s_first is None:
         verdict, strength = "inconclusive", "weak"
         reason = f"no layer decodes the state at >= {DECODABLE:.0%}; the model may not track state"
+    elif s_first <= 1:
+        verdict, strength = "sequential", "strong" if early_s >= 0.99 else "moderate"
+        reason = (f"the state is decodable after one layer at every position ({early_s:.2f}): each step updates "
+                  f"the previous state written in the input (a scratchpad), no scan over the prefix")
     elif p_first is not None and p_first < s_first:
         gap = s_first - p_first
         verdict = "PAA"
@@ -72,6 +76,45 @@ def signature(state_acc: torch.Tensor, parity_acc: torch.Tensor, boundary_same: 
     if len(grows) >= 2:
         reason += f"; same-parity prefix boundary by layer: {boundary_same}"
     return Signature(verdict, strength, s_first, p_first, early_p, early_s, boundary_same, boundary_diff, reason)
+
+
+@dataclass
+class SignatureRun:
+    """The evidence behind a signature: per-layer probes, the two prefix-patching sweeps, their boundaries."""
+
+    signature: Signature
+    probes: object                          # analyses.probing.ProbeResult (state, parity)
+    sweeps: dict                            # "same" / "diff" -> analyses.patching.PatchResult
+    boundaries: dict                        # "same" / "diff" -> prefix_boundary(...)
+
+
+def measure_signature(lm, n: int, length: int, *, scratchpad: bool = False, n_probe: int = 400,
+                      n_pairs: int = 64, probe_seed: int = 777, pair_seeds: tuple[int, int] = (99, 98)) -> SignatureRun:
+    """Probe state and parity at every action position and layer (held-out stories), patch same- and
+    other-parity first actions over growing prefixes (resid_post, original <- altered), and read the
+    signature. ``scratchpad`` models see their true states interleaved (the format they were trained on)."""
+    from analyses.patching import PatchConfig, run_patching
+    from analyses.probing import ProbeConfig, probe_layers
+    from tasks.permutations import parity_pairs, sample_stories, story_tokens, symmetric_group
+
+    st = sample_stories(n_probe, length, n, seed=probe_seed)
+    ids, _, first, last = story_tokens(st.actions, lm.tokenizer, n, scratchpad)
+    cols = torch.arange(first, last + 1, 1 + int(scratchpad))          # the action columns
+    labels = {}
+    for name, values in (("state", st.states), ("parity", symmetric_group(n).parity[st.states])):
+        lab = torch.full(ids.shape, -1, dtype=torch.long)
+        lab[:, cols] = values
+        labels[name] = lab
+    probes = probe_layers(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels,
+                          positions="all", cfg=ProbeConfig(seed=0))
+    sweeps, boundaries = {}, {}
+    for kind, seed in zip(("same", "diff"), pair_seeds):
+        pairs = parity_pairs(lm.tokenizer, n_pairs, length, n, seed=seed, parity=kind, scratchpad=scratchpad)
+        sweeps[kind] = run_patching(lm, pairs, PatchConfig(site="resid_post", region="prefix", direction="noise"))
+        boundaries[kind] = prefix_boundary(sweeps[kind].effect(), sweeps[kind].cells)
+    i_state, i_parity = probes.targets.index("state"), probes.targets.index("parity")
+    sig = signature(probes.test_acc[i_state], probes.test_acc[i_parity], boundaries["same"], boundaries["diff"])
+    return SignatureRun(sig, probes, sweeps, boundaries)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,14 +139,14 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(set(lengths))
 
 
-def story_prompts(tokenizer, group: int = 3):
+def story_prompts(tokenizer, group: int = 3, scratchpad: bool = False):
     """``make_prompts(length, n, seed)`` for ``analyses.probing.lengthwise_probe``: random stories of S_group
-    with final-state and final-parity labels."""
-    from tasks.permutations import encode_actions, sample_stories, symmetric_group
+    (with their true states interleaved for scratchpad models) with final-state and final-parity labels."""
+    from tasks.permutations import sample_stories, story_tokens, symmetric_group
 
     def make(length: int, n: int, seed: int):
         st = sample_stories(n, length, group, seed=seed)
-        ids = encode_actions(st.actions, tokenizer, group)
+        ids = story_tokens(st.actions, tokenizer, group, scratchpad)[0]
         return ({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                 {"state": st.states[:, -1], "parity": symmetric_group(group).parity[st.states[:, -1]]})
     return make
@@ -112,7 +155,7 @@ def story_prompts(tokenizer, group: int = 3):
 def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n: int = 3, stories: int = 1000,
                  seed: int = 12345, out: str = "artifacts/eval", dtype: str = "float32",
                  skip_layers: list[int] | None = None, random_baseline: bool = False, lengthwise: str | None = None,
-                 probe_stories: int = 300, echo=print) -> dict:
+                 probe_stories: int = 300, signature: bool = False, echo=print) -> dict:
     """``interpkit eval``: state/parity accuracy per position up to ``factor`` x the training length
     (optionally in bfloat16, with layers skipped, or on a random-weight copy), and the lengthwise probe
     (final-position state/parity probes per layer and length). Writes eval.json and plots to ``out``."""
@@ -131,11 +174,12 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
             raise UserError(f"bad eval option: {msg}")
     lengths = parse_lengths(lengthwise) if lengthwise else None
     recipe = Path(model) / "recipe.json"
+    cfg = json.loads(recipe.read_text())["config"] if recipe.exists() else {}
     if train_len is None:
-        if not recipe.exists():
+        if not cfg:
             raise UserError(f"{model} has no recipe.json; pass --train-len")
-        cfg = json.loads(recipe.read_text())["config"]
         train_len, n = cfg["train_len"], cfg["n"]
+    scratchpad = cfg.get("supervision") == "scratchpad"
     lm = load_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     label = model
     if random_baseline:
@@ -143,8 +187,9 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
 
         lm, label = random_like(lm, seed=seed), f"{model} (random weights)"
     res = evaluate_length_generalization(lm.hf, lm.tokenizer, n=n, train_len=train_len, factor=factor,
-                                         n_stories=stories, seed=seed, skip_layers=skip_layers)
-    res.update(model=label, dtype=dtype, skip_layers=skip_layers or [], random_baseline=random_baseline)
+                                         n_stories=stories, seed=seed, skip_layers=skip_layers, scratchpad=scratchpad)
+    res.update(model=label, dtype=dtype, skip_layers=skip_layers or [], random_baseline=random_baseline,
+               scratchpad=scratchpad)
     Path(out).mkdir(parents=True, exist_ok=True)
     title = label + (f", layers {skip_layers} skipped" if skip_layers else "")
     plot_accuracy(res, Path(out) / "accuracy_vs_length.png", title=title)
@@ -154,7 +199,7 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
     if lengths:
         from analyses.probing import ProbeConfig, lengthwise_probe
 
-        lw = lengthwise_probe(lm, story_prompts(lm.tokenizer, n), lengths, n_prompts=probe_stories,
+        lw = lengthwise_probe(lm, story_prompts(lm.tokenizer, n, scratchpad), lengths, n_prompts=probe_stories,
                               cfg=ProbeConfig(seed=seed))
         lw.plot(Path(out) / "lengthwise_probe.png")
         lw.to_dataframe().to_csv(Path(out) / "lengthwise_probe.csv", index=False)
@@ -163,9 +208,26 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
                              "state_first_layer": lw.first_decodable_layer("state"),
                              "parity_first_layer": lw.first_decodable_layer("parity")}
         echo(lengthwise_table(lw))
+    if signature:
+        res["signature"] = signature_report(measure_signature(lm, n, train_len, scratchpad=scratchpad), echo)
     (Path(out) / "eval.json").write_text(json.dumps(res, indent=1))
     echo(f"plots and eval.json in {out}/")
     return res
+
+
+def signature_report(run: SignatureRun, echo=print) -> dict:
+    """Print the signature's evidence (probe accuracy by layer, prefix boundaries, verdict); return it as JSON."""
+    i_s, i_p = run.probes.targets.index("state"), run.probes.targets.index("parity")
+    rows = {"state": [round(float(a), 3) for a in run.probes.test_acc[i_s]],
+            "parity": [round(float(a), 3) for a in run.probes.test_acc[i_p]]}
+    echo("signature: probe accuracy by layer (0 = embeddings), held-out stories")
+    for name, accs in rows.items():
+        echo(f"  {name:<7}" + "".join(f"{a:>7.3f}" for a in accs))
+    sig = run.signature
+    echo(f"  prefix boundary by layer: same parity {run.boundaries['same']}, other parity {run.boundaries['diff']}")
+    echo(f"  verdict: {sig.verdict} ({sig.strength}): {sig.reason}")
+    return {"state_probe": rows["state"], "parity_probe": rows["parity"], "boundary_same": run.boundaries["same"],
+            "boundary_diff": run.boundaries["diff"], "verdict": sig.verdict, "strength": sig.strength, "reason": sig.reason}
 
 
 def lengthwise_table(lw) -> str:

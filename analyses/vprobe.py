@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analyses.probing import _inputs, prompt_split, random_like
+from analyses.probing import model_inputs, prompt_split, random_like
 from interpkit.errors import UserError
 from interpkit.progress import stage
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 
 
 @dataclass
@@ -71,10 +71,7 @@ class VProbeResult:
         return df
 
     def plot(self, path=None):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         df = self.to_dataframe()
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
         x = range(len(df))
@@ -147,7 +144,7 @@ def run_vprobe(lm, prompts, labels, cfg: VProbeConfig | None = None, target: str
         raise UserError("V-probes train through the model and run locally; drop --remote")
     if cfg.rank < 1 or cfg.steps < 1:
         raise UserError("V-probe rank and steps must be >= 1")
-    inputs = _inputs(prompts)
+    inputs = model_inputs(prompts)
     labels = torch.as_tensor(labels).long().reshape(-1)
     if len(labels) != inputs["input_ids"].shape[0]:
         raise UserError(f"{len(labels)} labels for {inputs['input_ids'].shape[0]} prompts")

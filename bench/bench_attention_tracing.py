@@ -82,7 +82,7 @@ def main() -> None:
     from analyses.attention_tracing.decompose import collect, decompose, load_weights, logit_direction
     from analyses.attention_tracing.omega import Omega
     from analyses.attention_tracing.reference import DenseSVD, trace_prompt_reference
-    from analyses.attention_tracing.trace import TraceConfig, position_labels, trace_prompt
+    from analyses.attention_tracing.trace import AttnTraceConfig, node_labels, trace_prompt
     from tasks import get_task
 
     lm = build(0.02, tied=False)
@@ -123,13 +123,13 @@ def main() -> None:
         dec = decompose(omega, weights, acts, 0)
         direction, _ = logit_direction(weights, one.answer_ids[0], one.wrong_ids[0])
         tokens = [lm.tokenizer.decode([x]) for x in one.input_ids[0, dec.offset:].tolist()]
-        labels = position_labels(one, 0, dec.offset, tokens)
-        G, recs, _ = trace_prompt(omega, dec, direction, labels, TraceConfig(require_correct=False), prompt=i)
+        labels = node_labels(one, 0, dec.offset, tokens)
+        G, recs, _ = trace_prompt(omega, dec, direction, labels, AttnTraceConfig(require_correct=False), prompt=i)
         t_full = time.perf_counter() - t0
         if G is None:
             continue
         done += 1
-        cap = TraceConfig(require_correct=False, max_edges=args.ref_edges)
+        cap = AttnTraceConfig(require_correct=False, max_edges=args.ref_edges)
         t1 = time.perf_counter()
         Gc, recs_c, _ = trace_prompt(omega, dec, direction, labels, cap, prompt=i)
         t_ours = time.perf_counter() - t1

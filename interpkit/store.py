@@ -11,6 +11,9 @@ is rebuilt from it, and the manifest's chunk list always follows it. One writer 
 second process gets a one-line error naming the holder's pid (``run.lock``, an flock the kernel drops
 when the holder dies, so a stale lock never blocks). Whether a run was remote, and against which host,
 is part of its identity and manifest, so remote and local runs of one config never share a folder.
+
+What a run assembles from its chunks at the end (a table, a matrix over all chunks) goes to the same
+file, group ``result/<name>`` (``write_result`` / ``read_result``): one HDF5 file per run.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 from interpkit.errors import UserError
 
 STORE_TAG = "interpkit-run-store/1"
+RESULT = "result"                          # results.h5 group of assembled results (``RunStore.write_result``)
 _SECRET_WORDS = ("key", "token", "secret", "password")
 
 
@@ -58,15 +62,10 @@ def config_hash(config: dict) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from interpkit.remote.config import local_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("interpkit", "torch", "nnsight", "transformers", "numpy", "h5py"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    packages = ("interpkit", "torch", "nnsight", "transformers", "numpy", "h5py")
+    return {"python": platform.python_version(), **local_versions(packages, missing="not installed")}
 
 
 def git_commit() -> str | None:
@@ -101,9 +100,9 @@ def remote_identity(remote: bool | str | None) -> dict | None:
         return None
     if remote == "local":
         return {"id": "nnsight-local", "host": None}
-    from interpkit.remote.config import ndif_host
+    from interpkit.remote.config import host_url
 
-    host = ndif_host().rstrip("/")
+    host = host_url()
     name = urlsplit(host).hostname or host
     return {"id": "loopback" if name in ("127.0.0.1", "localhost", "::1") else host, "host": host}
 
@@ -348,6 +347,8 @@ class RunStore:
                 raise UserError(f"{self.h5_path} was not written by interpkit; move it away or pick another --run-id")
             for name in self._chunk_names(f):
                 self._read_group(f, name)
+            for name in f.get(RESULT, {}):
+                self._read_group(f, name, RESULT)
 
     def _chunk_names(self, f) -> list[str]:
         try:
@@ -356,23 +357,25 @@ class RunStore:
             raise UserError(f"{self.h5_path}: the chunk index is damaged ({e}); the file was left as it is: "
                             f"move it away to rerun") from None
 
-    def _read_group(self, f, name: str) -> dict[str, np.ndarray]:
-        """Every dataset of chunk ``name``, each checked against the sha256 written with it."""
+    def _read_group(self, f, name: str, where: str = "chunks") -> dict[str, np.ndarray]:
+        """Every dataset of chunk ``name`` (``where=RESULT``: of the result ``name``), each checked against
+        the sha256 written with it."""
         checked = f.attrs.get("checksums") == "sha256"
+        what = "chunk" if where == "chunks" else "result"
         try:
-            g = f["chunks"][name]
+            g = f[where][name]
             out = {}
             for key in g.keys():
                 value = g[key][()]
                 stored = g[key].attrs.get("sha256")
                 if (checked or stored is not None) and stored != digest(value):
-                    raise UserError(f"{self.h5_path}: chunk {name} (dataset {key!r}) fails its sha256 checksum: the "
+                    raise UserError(f"{self.h5_path}: {what} {name} (dataset {key!r}) fails its sha256 checksum: the "
                                     f"stored data changed after it was written; the file was left as it is: move "
                                     f"it away to recompute the run")
                 out[key] = value
             return out
         except (OSError, KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f"{self.h5_path}: chunk {name} cannot be read ({type(e).__name__}); the file was "
+            raise UserError(f"{self.h5_path}: {what} {name} cannot be read ({type(e).__name__}); the file was "
                             f"left as it is: move it away to recompute the run") from None
 
     def done_chunks(self) -> list[str]:
@@ -386,12 +389,35 @@ class RunStore:
 
     def write_chunk(self, chunk: str | int, arrays: dict[str, np.ndarray], seconds: float | None = None) -> None:
         """Append one finished chunk atomically (copy, add with checksums, fsync, rename)."""
-        import h5py
-
         self._writable()
         name = _chunk_name(chunk)
         if self.has_chunk(name):
             raise ValueError(f"chunk {name} already stored")
+        self._add_group("chunks", name, arrays)
+        self.manifest["chunks"] = self.done_chunks()
+        if seconds is not None:
+            self.manifest["timings"][f"chunk/{name}"] = round(seconds, 4)
+        self._write_manifest()
+
+    def write_result(self, name: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+        """The run's assembled result ``name`` (group ``result/<name>`` of results.h5, replacing an earlier
+        one), written atomically and with checksums as a chunk is. It is derived from the chunks: resuming
+        never reads it, and an interrupted run simply has none yet."""
+        self._writable()
+        self._add_group(RESULT, name, arrays, attrs)
+
+    def read_result(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays of the assembled result ``name`` (checksums verified)."""
+        with self._open_h5() as f:
+            if name not in f.get(RESULT, {}):
+                raise UserError(f"{self.h5_path} has no result {name!r}; run the analysis to the end first")
+            return self._read_group(f, name, RESULT)
+
+    def _add_group(self, where: str, name: str, arrays: dict, attrs: dict | None = None) -> None:
+        """Group ``where/name`` of ``arrays`` (each dataset with its sha256) in a copy of results.h5 that is
+        fsynced and renamed over it: a kill at any moment leaves the old file or the new one."""
+        import h5py
+
         tmp = self.h5_path.with_suffix(".h5.partial")
         if self.h5_path.exists():
             shutil.copyfile(self.h5_path, tmp)
@@ -400,17 +426,17 @@ class RunStore:
             f.attrs["checksums"] = "sha256"
             f.attrs["analysis"] = self.analysis
             f.attrs["identity"] = json.dumps(_scrub(self.identity), sort_keys=True, default=str)
-            g = f.require_group("chunks").create_group(name)
+            parent = f.require_group(where)
+            if name in parent:
+                del parent[name]
+            g = parent.create_group(name)
+            g.attrs.update(attrs or {})
             for k, v in arrays.items():
                 ds = g.create_dataset(k, data=np.asarray(v))
                 ds.attrs["sha256"] = digest(ds[()])     # of what a reader gets back
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.h5_path)
-        self.manifest["chunks"] = self.done_chunks()
-        if seconds is not None:
-            self.manifest["timings"][f"chunk/{name}"] = round(seconds, 4)
-        self._write_manifest()
 
     def read(self, key: str) -> np.ndarray:
         """``key`` from every chunk, concatenated along axis 0 in chunk order (checksums verified)."""

@@ -43,9 +43,12 @@ import torch
 from interpkit.errors import UserError
 from interpkit.plots import finish
 from tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
-                                make_labels, perm_token_ids, sample_stories, special_prefix, symmetric_group)
+                                make_labels, perm_token_ids, sample_stories, scratchpad_sequence, special_prefix,
+                                symmetric_group)
 
 CUTOFF = 0.98
+ARCHS = ("gpt2", "neox", "mistral")       # from-scratch architectures (``TrainConfig.arch``)
+STATE_SUPERVISIONS = ("direct_state", "scratchpad")   # the model writes the state: accuracy per position
 _EVAL_SEED_OFFSET = 7_919_000_003        # held-out stories never share a generator seed with training
 
 
@@ -55,7 +58,8 @@ class TrainConfig:
 
     n: int = 3                            # S_n
     # model: from scratch (arch/n_layers/...) or a hub id / local path in base_model
-    arch: str = "gpt2"                    # "gpt2" (learned positions) or "neox" (rotary)
+    arch: str = "gpt2"                    # "gpt2" (learned positions), "neox" (rotary) or "mistral" (rotary,
+                                          # sliding-window attention: ``window``)
     base_model: str | None = None
     n_layers: int = 4
     d_model: int = 64
@@ -63,6 +67,7 @@ class TrainConfig:
     d_mlp: int | None = None              # default 4 * d_model
     rotary_pct: float = 0.25              # neox only
     parallel_residual: bool = True        # neox only (use_parallel_residual)
+    window: int | None = None             # mistral only: each token attends to itself and the window - 1 before it
     max_positions: int = 128              # learned-position table (gpt2); >= 2x train_len for eval
     positions: str = "default"            # "default" (gpt2 learned, neox rotary) | "none" (gpt2: wpe zeroed and
                                           # frozen = no positional information; neox: rotary_pct 0 is not allowed)
@@ -115,8 +120,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.supervision not in SUPERVISIONS:
             raise UserError(f"unknown supervision {self.supervision!r}; use one of {', '.join(SUPERVISIONS)}")
-        if self.base_model is None and self.arch not in ("gpt2", "neox"):
-            raise UserError(f"unknown arch {self.arch!r}; use gpt2 or neox (or base_model=<hub id>)")
+        if self.base_model is None and self.arch not in ARCHS:
+            raise UserError(f"unknown arch {self.arch!r}; use {', '.join(ARCHS)} (or base_model=<hub id>)")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
         if self.start_len is not None and not 1 <= self.start_len <= self.train_len:
@@ -127,6 +132,8 @@ class TrainConfig:
                   (self.random_positions is None or self.random_positions >= self.train_len + 1,
                    f"random_positions must be >= train_len + 1 ({self.train_len + 1})"),
                   (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}; use float32 or bfloat16"),
+                  (self.window is None or (self.arch == "mistral" and self.window >= 1),
+                   "window needs arch mistral and is >= 1"),
                   (self.min_len is None or 1 <= self.min_len <= self.train_len,
                    f"min_len must be in 1..train_len ({self.train_len})"),
                   (self.patience is None or self.patience >= 1, "patience must be >= 1"),
@@ -201,6 +208,11 @@ def build_model(cfg: TrainConfig):
         conf = T.GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, n_inner=d_mlp,
                             n_positions=cfg.max_positions, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0, **common)
+    elif cfg.arch == "mistral":
+        conf = T.MistralConfig(num_hidden_layers=cfg.n_layers, hidden_size=cfg.d_model,
+                               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                               intermediate_size=d_mlp, sliding_window=cfg.window,
+                               max_position_embeddings=cfg.max_positions, **common)
     else:
         conf = T.GPTNeoXConfig(num_hidden_layers=cfg.n_layers, hidden_size=cfg.d_model,
                                num_attention_heads=cfg.n_heads, intermediate_size=d_mlp,
@@ -281,8 +293,9 @@ def make_batch(cfg: TrainConfig, step: int, token_maps: tuple,
     else:
         actions = sample_stories(cfg.batch_size, length, cfg.n, generator=gen).actions
     bare, spaced, parity_ids, prefix = token_maps
-    ids = spaced[actions]
-    ids[:, 0] = bare[actions[:, 0]]
+    seq = scratchpad_sequence(actions, cfg.n) if cfg.supervision == "scratchpad" else actions
+    ids = spaced[seq]
+    ids[:, 0] = bare[seq[:, 0]]
     lab = make_labels(actions, cfg.n, cfg.supervision)
     if cfg.supervision == "direct_state":
         labels = spaced[lab]
@@ -468,9 +481,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
                 rec = rec or {"step": step, "loss": round(loss, 5), "acc": round(acc, 4)}
                 v_loss, v_acc = validation_loss(model, tok, cfg, maps, topic_word)
                 rec.update(val_loss=round(v_loss, 5), val_acc=round(v_acc, 4))
-                if cfg.supervision == "direct_state":
+                if cfg.supervision in STATE_SUPERVISIONS:
                     ev = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype)
+                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype,
+                                  scratchpad=cfg.supervision == "scratchpad")
                     rec.update(eval_min_acc=round(ev["min_state_acc"], 4), eval_acc=round(ev["mean_state_acc"], 4),
                                eval_parity=round(ev["mean_parity_acc"], 4))
                     final_eval = ev
@@ -502,9 +516,10 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
         _save(cfg, model, tok, opt, step, history, wall, cur.state, early)
     if stopped or (cfg.patience and best_state is not None and step >= cfg.steps):
         model.load_state_dict(best_state)        # early stopping: the best evaluation's weights
-        if cfg.supervision == "direct_state":
+        if cfg.supervision in STATE_SUPERVISIONS:
             final_eval = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype)
+                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype,
+                                  scratchpad=cfg.supervision == "scratchpad")
     if cfg.output_dir and (reached or stopped or step >= cfg.steps):
         export_model(cfg.output_dir, model, tok, cfg, step, wall, history, final_eval,
                      extra={"early_stopping": dict(early, stopped=stopped)} if cfg.patience else None)
@@ -623,27 +638,38 @@ def export_model(out_dir: str | Path, model, tokenizer, cfg: TrainConfig, step: 
 
 
 class _progress:
-    """A rich progress bar showing loss / accuracy, or nothing when cfg.progress is False."""
+    """Training progress: a rich bar with loss / accuracy and ETA on a terminal; otherwise (logs, pipes)
+    one line per evaluation with the same figures. Nothing when cfg.progress is False."""
 
     def __init__(self, cfg: TrainConfig, total: int, start: int) -> None:
+        import sys
+
         self.cfg, self.total, self.start, self.bar = cfg, total, start, None
+        self.tty, self.t0 = sys.stderr.isatty(), time.perf_counter()
 
     def __enter__(self):
-        if self.cfg.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.cfg.progress and self.tty:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"))
+                                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
             self.bar.__enter__()
             self.task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
         return self
 
     def update(self, rec: dict) -> None:
-        if self.bar is None:
-            return
         info = f"loss {rec['loss']:.4f} acc {rec['acc']:.3f}"
         if "eval_min_acc" in rec:
             info += f" | held-out min {rec['eval_min_acc']:.3f} parity {rec['eval_parity']:.3f}"
-        self.bar.update(self.task, completed=rec["step"], info=info)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], info=info)
+        elif self.cfg.progress and "val_loss" in rec:
+            import sys
+
+            el = time.perf_counter() - self.t0
+            eta = el / max(1, rec["step"] - self.start) * (self.total - rec["step"])
+            print(f"train {rec['step']}/{self.total} {el:.0f}s eta {eta:.0f}s | {info} | val loss {rec['val_loss']:.4f}",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
@@ -665,7 +691,7 @@ def train_command(recipe: str | None, output_dir: str, options: dict, *, resume:
     except TypeError as e:
         raise UserError(f"bad training option: {e}") from None
     res = train(cfg, resume=resume)
-    if cfg.supervision == "direct_state":
+    if cfg.supervision in STATE_SUPERVISIONS:
         ev = res.final_eval or {}
         echo(f"trained {res.step} steps in {res.wall_s:.0f}s -> {output_dir}; "
              f"held-out min state accuracy {ev.get('min_state_acc', float('nan')):.4f}")
@@ -682,7 +708,7 @@ def train_command(recipe: str | None, output_dir: str, options: dict, *, resume:
 @torch.no_grad()
 def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int = 1000, seed: int = 12345,
              batch_size: int = 256, dtype: str = "float32",
-             skip_layers: list[int] | None = None) -> dict:
+             skip_layers: list[int] | None = None, scratchpad: bool = False) -> dict:
     """State and parity accuracy per position on ``n_stories`` fresh random stories of ``length``.
 
     Logits are restricted to the (space-prefixed) permutation tokens; the prediction is their argmax;
@@ -690,11 +716,13 @@ def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int =
     ``parity_cutoff`` = first length (1-based position) whose accuracy < 0.98, or None.
     ``dtype="bfloat16"`` runs a float32 model under bfloat16 autocast; ``skip_layers`` makes those
     blocks pass the residual stream through unchanged (the seed's layer-skipping ablation).
+    ``scratchpad``: the model generates its states (``scratchpad_sequence``), greedily, each predicted
+    state fed back before the next action; accuracy compares the generated states with the true ones.
     """
     with skipped_layers(model, skip_layers or []):
         with (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else _nullcontext()):
             return _evaluate(model, tokenizer, n=n, length=length, n_stories=n_stories, seed=seed,
-                             batch_size=batch_size)
+                             batch_size=batch_size, scratchpad=scratchpad)
 
 
 def _nullcontext():
@@ -740,19 +768,34 @@ class skipped_layers:
             h.remove()
 
 
-def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: int, batch_size: int) -> dict:
+def _state_logits(model, tokenizer, actions: torch.Tensor, n: int, scratchpad: bool) -> torch.Tensor:
+    """[N, T, P] logits of the state tokens after each action: one forward over the story, or with a
+    scratchpad, T forwards that feed the model's own (greedy) states back."""
+    state_ids = perm_token_ids(tokenizer, n, space=True)
+    if not scratchpad:
+        ids = encode_actions(actions, tokenizer, n)
+        return model(input_ids=ids).logits[:, ids.shape[1] - actions.shape[1]:][..., state_ids].float()
+    ids = encode_actions(torch.zeros_like(actions[:, :1]), tokenizer, n)      # [prefix] s_0 = identity
+    out = []
+    for t in range(actions.shape[1]):
+        ids = torch.cat([ids, state_ids[actions[:, t:t + 1]]], 1)
+        logits = model(input_ids=ids).logits[:, -1, state_ids].float()
+        out.append(logits)
+        ids = torch.cat([ids, state_ids[logits.argmax(-1)][:, None]], 1)
+    return torch.stack(out, 1)
+
+
+def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: int, batch_size: int,
+              scratchpad: bool = False) -> dict:
     was_training = model.training
     model.eval()
     g = symmetric_group(n)
     st = sample_stories(n_stories, length, n, seed=seed)
-    ids = encode_actions(st.actions, tokenizer, n)
-    offset = ids.shape[1] - length
-    state_ids = perm_token_ids(tokenizer, n, space=True)
     correct = torch.zeros(length)
     par_ok = torch.zeros(length)
     p_true = torch.zeros(length)
     for i in range(0, n_stories, batch_size):
-        logits = model(input_ids=ids[i:i + batch_size]).logits[:, offset:][..., state_ids].float()
+        logits = _state_logits(model, tokenizer, st.actions[i:i + batch_size], n, scratchpad)
         pred = logits.argmax(-1)
         true = st.states[i:i + batch_size]
         correct += (pred == true).float().sum(0)
@@ -779,10 +822,10 @@ def cutoff(acc: torch.Tensor | list[float], threshold: float = CUTOFF) -> int | 
 
 def evaluate_length_generalization(model, tokenizer, *, n: int = 3, train_len: int = 16, factor: int = 2,
                                    n_stories: int = 1000, seed: int = 12345, dtype: str = "float32",
-                                   skip_layers: list[int] | None = None) -> dict:
+                                   skip_layers: list[int] | None = None, scratchpad: bool = False) -> dict:
     """``evaluate`` at ``factor`` x the training length, plus accuracy summaries inside/beyond it."""
     res = evaluate(model, tokenizer, n=n, length=factor * train_len, n_stories=n_stories, seed=seed,
-                   dtype=dtype, skip_layers=skip_layers)
+                   dtype=dtype, skip_layers=skip_layers, scratchpad=scratchpad)
     res["train_len"] = train_len
     res["min_state_acc_in_train_len"] = min(res["state_acc"][:train_len])
     res["mean_state_acc_beyond"] = sum(res["state_acc"][train_len:]) / max(1, len(res["state_acc"][train_len:]))

@@ -292,10 +292,12 @@ def attn_trace_options(model: str, prompts: int, seed_: int, batch_size: int, at
 
 
 def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effect: float,
-                    min_frequency: float) -> None:
-    from analyses.attention_tracing.commands import ACTIONS
+                    min_frequency: float, actions: tuple[str, ...] | None = None) -> None:
+    """``actions``: the circuit actions (``analyses.attention_tracing.commands.ACTIONS``)."""
+    if actions is None:         # compat until cli.py passes ``actions``; then delete (an import cycle)
+        from analyses.attention_tracing.commands import ACTIONS as actions
 
-    choice("action", action, ACTIONS)
+    choice("action", action, actions)
     choice("--what", what, ("edge", "input"))
     count("--min-prompts", min_prompts)
     at_least("--min-effect", min_effect, 0.0)
@@ -306,8 +308,10 @@ def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effe
 
 def causal_trace_options(model: str, facts: int | None, noise_: str | None, config: str | None,
                          samples: int | None, window: int | None, seed_: int | None, max_rows: int | None,
-                         run_id_: str | None, root: str) -> None:
-    from analyses.causal_tracing import TraceConfig
+                         run_id_: str | None, root: str, config_cls: type | None = None) -> None:
+    """``config_cls``: the dataclass whose fields a ``--config`` YAML sets (``analyses.causal_tracing.TraceConfig``)."""
+    if config_cls is None:      # compat until cli.py passes ``config_cls``; then delete (an import cycle)
+        from analyses.causal_tracing import TraceConfig as config_cls
 
     model_name(model)
     count("--facts", facts)
@@ -320,7 +324,7 @@ def causal_trace_options(model: str, facts: int | None, noise_: str | None, conf
     writable_dir("--root", root)
     if config is not None:
         values = yaml_mapping("--config", config)
-        dataclass_values(f"--config {config}", values, TraceConfig)
+        dataclass_values(f"--config {config}", values, config_cls)
         for key in ("samples", "window", "max_rows", "blocks", "facts_per_chunk"):
             count(f"--config {config}: {key}", values.get(key))
         seed(f"--config {config}: seed", values.get("seed"))

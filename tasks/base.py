@@ -71,6 +71,19 @@ class PromptSet:
         ids, mask = (self.corrupted_ids, self.corrupted_mask) if corrupted else (self.input_ids, self.attention_mask)
         return {"input_ids": ids, "attention_mask": mask}
 
+    def role(self, name: str) -> torch.Tensor:
+        """The [N] positions of role ``name``, or a one-line error naming the roles there are."""
+        if name not in self.roles:
+            raise UserError(f"task {self.task!r} has no role {name!r} ({', '.join(sorted(self.roles))})")
+        return self.roles[name]
+
+    def meta_field(self, name: str) -> list:
+        """The per-row values of meta field ``name``, or a one-line error naming the fields there are."""
+        if name not in self.meta:
+            raise UserError(f"task {self.task!r} has no meta field {name!r} "
+                            f"(has: {', '.join(sorted(self.meta)) or 'none'})")
+        return self.meta[name]
+
     @property
     def multi_token(self) -> bool:
         """Whether some answer (or wrong answer) of your own data is several tokens long."""

@@ -251,20 +251,6 @@ def brute_force_parses(g: Grammar, tokens: list[int]) -> list[tuple[tuple, tuple
     return out
 
 
-def mutate(tokens: list[int], rng: random.Random, terminals: int = 3) -> list[int]:
-    """One random edit: replace, delete or insert a terminal (never the identity edit)."""
-    t = list(tokens)
-    kind = rng.choice(("replace", "delete", "insert"))
-    i = rng.randrange(len(t))
-    if kind == "replace":
-        t[i] = rng.choice([x for x in range(terminals) if x != t[i]])
-    elif kind == "delete":
-        del t[i]
-    else:
-        t.insert(i, rng.randrange(terminals))
-    return t
-
-
 # ------------------------------------------------------------------------------------------------
 # tokens
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ TEMPLATES = [
 ]
 MALE = ["John", "David", "Mark", "Paul", "Ryan", "Gary", "Jack", "Sean", "Carl", "Joe"]
 FEMALE = ["Mary", "Lisa", "Anna", "Sarah", "Amy", "Carol", "Karen", "Susan", "Julie", "Judy"]
-PRONOUNS = {"male": " he", "female": " she"}
 
 
 def build(tokenizer, n: int | None = None, seed: int = 0) -> PromptSet:

@@ -22,7 +22,6 @@ from tasks.base import PromptSet
 from tasks.tokenize import Span, first_token_id, make_prompt_set
 
 SHA256 = "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"
-N_RECORDS = 1209
 FIELDS = ("subject", "attribute", "prompt")
 
 

@@ -7,7 +7,9 @@ string ("213"). The state starts at the identity and each action rearranges it:
     new_state[j] = state[action[j] - 1]        (1-based, the seed repository's convention)
 
 so s_t = s_{t-1} . a_t is the left-to-right product of the actions. A model reads the actions (one token
-each) and must emit s_t at every position t (``direct_state`` supervision).
+each) and must emit s_t at every position t (``direct_state`` supervision). With a *scratchpad*
+(``scratchpad`` supervision) the story interleaves the states with the actions, s_0 a_1 s_1 a_2 ... a_T,
+and the model writes each state after reading the action, feeding its own states back when generating.
 
 Everything works on *indices* into ``group.perms`` (identity = index 0); tokens come in only at the
 edges (``perm_token_ids``). Composition is one lookup in a precomputed [P, P] table, so generating
@@ -29,7 +31,7 @@ import torch
 if TYPE_CHECKING:
     from tasks.base import PromptSet
 
-SUPERVISIONS = ("direct_state", "parity", "next_token")
+SUPERVISIONS = ("direct_state", "parity", "next_token", "scratchpad")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 PARITY_TOKENS = ("0", "1")                 # labels of the parity curriculum ("0" even, "1" odd)
 
@@ -154,9 +156,24 @@ def sample_stories(n_stories: int, length: int, n: int = 3, *, seed: int | None 
     return Stories(n=n, actions=actions, states=run_states(actions, n))
 
 
+def scratchpad_sequence(actions: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., T] actions -> [..., 2T] the scratchpad story s_0 a_1 s_1 ... s_{T-1} a_T as permutation
+    indices (s_0 = identity): the action a_t sits at column 2t - 1, the state the model must write
+    after it is the next column's token."""
+    seq = torch.zeros(*actions.shape[:-1], 2 * actions.shape[-1], dtype=torch.long)
+    seq[..., 1::2] = actions
+    seq[..., 2::2] = run_states(actions, n)[..., :-1]
+    return seq
+
+
 def make_labels(actions: torch.Tensor, n: int, supervision: str = "direct_state") -> torch.Tensor:
     """Targets per position: ``direct_state`` = state after each action, ``parity`` = its parity,
-    ``next_token`` = the next action (-100 at the last position)."""
+    ``next_token`` = the next action (-100 at the last position), ``scratchpad`` = per column of
+    ``scratchpad_sequence``, the state after the action there (-100 at the state columns)."""
+    if supervision == "scratchpad":
+        out = torch.full((*actions.shape[:-1], 2 * actions.shape[-1]), -100, dtype=torch.long)
+        out[..., 1::2] = run_states(actions, n)
+        return out
     if supervision == "direct_state":
         return run_states(actions, n)
     if supervision == "parity":
@@ -424,18 +441,28 @@ def encode_actions(actions: torch.Tensor, tokenizer, n: int = 3, add_special_tok
 # --------------------------------------------------------------------------------------------------
 # PromptSet for the analyses
 # --------------------------------------------------------------------------------------------------
+def story_tokens(actions: torch.Tensor, tokenizer, n: int = 3,
+                 scratchpad: bool = False) -> tuple[torch.Tensor, list[str], int, int]:
+    """(input_ids, texts, column of the first action, column of the last action) of stories, plain or
+    with the true states as a scratchpad (``scratchpad_sequence``)."""
+    seq = scratchpad_sequence(actions, n) if scratchpad else actions
+    ids = encode_actions(seq, tokenizer, n)
+    offset = ids.shape[1] - seq.shape[-1]
+    return ids, stories_to_text(seq, n), offset + int(scratchpad), ids.shape[1] - 1
+
+
 def story_prompt_set(tokenizer, n_stories: int = 100, length: int = 16, n: int = 3, *, seed: int = 0,
-                     wrong: str = "others"):
+                     wrong: str = "others", scratchpad: bool = False):
     """Stories as a PromptSet: prompts = action strings, answer = the final state's (space-prefixed)
     token, role "last" = the final position, "first" = the first action (after a BOS, if any). ``wrong="others"`` lists every other state as wrong ids.
+    ``scratchpad``: the true states interleaved (the format of models trained with a scratchpad).
 
     meta: "states" and "actions" (index lists per story), "parity" (final-state parity).
     """
     from tasks.base import PromptSet
 
     st = sample_stories(n_stories, length, n, seed=seed)
-    ids = encode_actions(st.actions, tokenizer, n)
-    offset = ids.shape[1] - length
+    ids, texts, first, last = story_tokens(st.actions, tokenizer, n, scratchpad)
     state_ids = perm_token_ids(tokenizer, n, space=True)
     final = st.states[:, -1]
     wrong_ids = None
@@ -445,19 +472,20 @@ def story_prompt_set(tokenizer, n_stories: int = 100, length: int = 16, n: int =
         others = others[others != final[:, None]].view(n_stories, P - 1)
         wrong_ids = state_ids[others]
     return PromptSet(
-        task=f"permutations-s{n}", prompts=st.texts(), input_ids=ids,
+        task=f"permutations-s{n}", prompts=texts, input_ids=ids,
         attention_mask=torch.ones_like(ids), answer_ids=state_ids[final][:, None], wrong_ids=wrong_ids,
-        roles={"last": torch.full((n_stories,), offset + length - 1, dtype=torch.long),
-               "first": torch.full((n_stories,), offset, dtype=torch.long)},
+        roles={"last": torch.full((n_stories,), last, dtype=torch.long),
+               "first": torch.full((n_stories,), first, dtype=torch.long)},
         meta={"states": st.states.tolist(), "actions": st.actions.tolist(),
               "parity": st.parities[:, -1].tolist()},
     )
 
 
 def parity_pairs(tokenizer, n_stories: int = 64, length: int = 16, n: int = 3, *, seed: int = 0,
-                 parity: str = "both") -> PromptSet:
+                 parity: str = "both", scratchpad: bool = False) -> PromptSet:
     """Original stories and altered copies whose first action has the same ("same") or the other
-    ("diff") parity; "both" alternates them. meta["pair_parity"] says which each row is."""
+    ("diff") parity; "both" alternates them. meta["pair_parity"] says which each row is.
+    ``scratchpad``: each story carries its own true states (``scratchpad_sequence``)."""
     from tasks.base import PromptSet
 
     g = symmetric_group(n)
@@ -471,15 +499,14 @@ def parity_pairs(tokenizer, n_stories: int = 64, length: int = 16, n: int = 3, *
         altered[i, 0] = pool[int(torch.randint(len(pool), (1,), generator=gen))]
     states_alt = run_states(altered, n)
     state_ids = perm_token_ids(tokenizer, n, space=True)
-    ids, alt_ids = encode_actions(st.actions, tokenizer, n), encode_actions(altered, tokenizer, n)
-    offset = ids.shape[1] - length                      # a BOS, if the tokenizer adds one
+    ids, texts, first, last = story_tokens(st.actions, tokenizer, n, scratchpad)
+    alt_ids, alt_texts, _, _ = story_tokens(altered, tokenizer, n, scratchpad)
     return PromptSet(
-        task=f"permutations-s{n}-pairs", prompts=st.texts(), input_ids=ids, attention_mask=torch.ones_like(ids),
+        task=f"permutations-s{n}-pairs", prompts=texts, input_ids=ids, attention_mask=torch.ones_like(ids),
         answer_ids=state_ids[st.states[:, -1]][:, None], wrong_ids=state_ids[states_alt[:, -1]][:, None],
-        corrupted_prompts=[" ".join(g.strings[a] for a in row) for row in altered.tolist()],
-        corrupted_ids=alt_ids, corrupted_mask=torch.ones_like(alt_ids),
-        roles={"last": torch.full((n_stories,), offset + length - 1, dtype=torch.long),
-               "first": torch.full((n_stories,), offset, dtype=torch.long)},
+        corrupted_prompts=alt_texts, corrupted_ids=alt_ids, corrupted_mask=torch.ones_like(alt_ids),
+        roles={"last": torch.full((n_stories,), last, dtype=torch.long),
+               "first": torch.full((n_stories,), first, dtype=torch.long)},
         meta={"pair_parity": kinds, "states": st.states.tolist()},
     )
 

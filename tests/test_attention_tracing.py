@@ -13,7 +13,7 @@ from analyses.attention_tracing.interventions import Edit, apply_edits, decompos
 from analyses.attention_tracing.omega import Omega
 from analyses.attention_tracing.reference import trace_prompt_reference
 from analyses.attention_tracing.signals import edge_signal, minimal_set, relative_scores
-from analyses.attention_tracing.trace import TraceConfig, trace_prompt, trace_prompts
+from analyses.attention_tracing.trace import AttnTraceConfig, trace_prompt, trace_prompts
 from tests.conftest import tiny
 
 
@@ -169,7 +169,7 @@ def test_vectorised_trace_equals_loop_reference(family):
     prompts = ioi(family, 4)
     omega, w = Omega(lm.arch), load_weights(lm.arch)
     acts = collect(lm, prompts.batch())
-    cfg = TraceConfig(require_correct=False, max_edges=6)
+    cfg = AttnTraceConfig(require_correct=False, max_edges=6)
     compared = 0
     for row in range(4):
         dec = decompose(omega, w, acts, row)
@@ -184,14 +184,14 @@ def test_vectorised_trace_equals_loop_reference(family):
 
 def test_trace_graph_structure():
     lm = sharp("neox")
-    res = trace_prompts(lm, ioi("neox"), TraceConfig(require_correct=False, batch_size=8), omega=Omega(lm.arch))
+    res = trace_prompts(lm, ioi("neox"), AttnTraceConfig(require_correct=False, batch_size=8), omega=Omega(lm.arch))
     assert res.traced and len(res.records) > 0
     G = res.graphs[res.traced[0]]
     root = gr.root_of(G)
     assert G.nodes[root]["kind"] == "root" and G.nodes[root]["dest_role"] == "end"
     assert all(k in ("q", "k", "logit") for *_, k in G.edges(keys=True))
     for n, a in G.nodes(data=True):
-        assert a["kind"] in gr.KINDS and isinstance(a["layer"], int)
+        assert a["kind"] in gr.NODE_IDS and isinstance(a["layer"], int)
         if a["kind"] == "head" and G.in_degree(n):     # a traced head is above uniform attention
             assert G.nodes[n]["src_pos"] <= G.nodes[n]["dest_pos"]
     for u, v, k, data in G.edges(keys=True, data=True):
@@ -238,7 +238,7 @@ def test_signal_removal_lowers_attention_random_does_not(family):
     lm = sharp(family, 0.1)
     prompts = ioi(family)
     omega = Omega(lm.arch)
-    res = trace_prompts(lm, prompts, TraceConfig(require_correct=False, batch_size=8), omega=omega)
+    res = trace_prompts(lm, prompts, AttnTraceConfig(require_correct=False, batch_size=8), omega=omega)
     df = signal_removal(lm, omega, prompts, res.records, max_edges=40)
     rem, rnd = df[df["mode"] == "remove"], df[df["mode"] == "random"]
     print(f"\n{family}: {len(rem)} edge sides; remove signal: mean dA {rem.d_attn.mean():+.4f} "
@@ -327,12 +327,17 @@ def test_omega_disk_cache(tmp_path):
     assert not o._cores
 
 
-def test_remote_local_roundtrip_identical_graphs():
-    """nnsight's serialize/deserialize path (remote='local') gives identical graphs and interventions."""
+def _traced_locally():
+    """(model, prompts, Omega, config, local result) of the remote-equality tests."""
     lm = sharp("neox")
     prompts, omega = ioi("neox", 4), Omega(lm.arch)
-    cfg = TraceConfig(require_correct=False, batch_size=4)
-    local = trace_prompts(lm, prompts, cfg, omega=omega)
+    cfg = AttnTraceConfig(require_correct=False, batch_size=4)
+    return lm, prompts, omega, cfg, trace_prompts(lm, prompts, cfg, omega=omega)
+
+
+def test_remote_local_roundtrip_identical_graphs():
+    """nnsight's serialize/deserialize path (remote='local') gives identical graphs and interventions."""
+    lm, prompts, omega, cfg, local = _traced_locally()
     remote = trace_prompts(dataclasses.replace(lm, remote="local"), prompts, cfg, omega=omega)
     _same_graphs(local.graphs, remote.graphs, tol=0.0)
 
@@ -343,10 +348,7 @@ def test_remote_loopback_identical_graphs():
     from interpkit.remote import ensure_shipped
 
     ensure_shipped()                                          # as load_model does: NDIF lacks our modules
-    lm = sharp("neox")
-    prompts, omega = ioi("neox", 4), Omega(lm.arch)
-    cfg = TraceConfig(require_correct=False, batch_size=4)
-    local = trace_prompts(lm, prompts, cfg, omega=omega)
+    lm, prompts, omega, cfg, local = _traced_locally()
     edits_local = signal_removal(lm, omega, prompts, local.records, max_edges=5)
     with loopback.LoopbackNDIF(lm.model) as server:
         rlm = dataclasses.replace(lm, remote=True)

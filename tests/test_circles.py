@@ -2,7 +2,6 @@
 shipped calendar-demo model is present) finding and using its circle."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from analyses.circles import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
+from interpkit.remote.loopback import frozen
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
 
@@ -83,7 +83,7 @@ def _hook_reference(lm, prompts, row: int, layer: int, vector: torch.Tensor, can
 
 
 def test_interventions_equal_plain_hooks():
-    from analyses.circles import _answer_candidates, _meta_tensor
+    from analyses.circles import answer_candidates, meta_tensor
     from analyses.probing import collect_residuals
     from tasks import get_task
 
@@ -96,8 +96,8 @@ def test_interventions_equal_plain_hooks():
 
     # recompute some runs with plain PyTorch hooks and the same replacement vectors
     acts = collect_residuals(lm, prompts, prompts.roles["start"])
-    c = _meta_tensor(prompts, "c")
-    cand = _answer_candidates(prompts, c, 7)
+    c = meta_tensor(prompts, "c")
+    cand = answer_candidates(prompts, c, 7)
     fit = res.fit
     for li, layer in enumerate([0, 2]):
         V = fit.V[layer].float()
@@ -161,26 +161,12 @@ def test_trained_demo_model_has_a_causal_circle(task):
     assert float(rnd.fit.r2_heldout.max()) < 0.5
 
 
-@contextlib.contextmanager
-def frozen(hf):
-    """Parameters with requires_grad off, as NDIF (and the loopback server) runs them: the flag alone
-    changes some CPU kernels' float rounding (1 ulp), so bit-equality needs the same setting."""
-    flags = [p.requires_grad for p in hf.parameters()]
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(hf.parameters(), flags):
-            p.requires_grad_(f)
-
-
 def _remote_equals_local(remote_lm, lm, freeze: bool):
     from tasks import get_task
 
     prompts = get_task("days")(lm.tokenizer)
     cfg = CircleConfig(layers=[0, 1], targets_per_problem=2, max_rows=150)   # 4 forwards: one session
-    with frozen(lm.hf) if freeze else contextlib.nullcontext():
+    with frozen(lm.hf, freeze):                         # as NDIF (and the loopback) runs them: same rounding
         local = run_circles(lm, prompts, cfg)
     remote = run_circles(remote_lm, prompts, cfg)
     assert torch.equal(local.fit.r2, remote.fit.r2) and torch.equal(local.coords, remote.coords)

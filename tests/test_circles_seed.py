@@ -64,7 +64,7 @@ def test_interventions_on_the_result_token():
 
 @needs_demo
 def test_sweep_inside_the_circle():
-    from analyses.circle_studies import circle_sweep
+    from analyses.circles import circle_sweep
 
     lm, prompts = demo()
     fit = run_circles(lm, prompts, CircleConfig(intervene=False)).fit

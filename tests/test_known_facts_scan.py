@@ -64,4 +64,4 @@ def test_fingerprints_tell_models_and_datasets_apart():
 def test_a_broken_cache_file_is_recomputed(tmp_path, content):
     path = tmp_path / "scan.json"
     path.write_text(content)
-    assert K._read(path, 10) is None
+    assert K.read_cached_scan(path, 10) is None

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tasks.cfg import (CFGConfig, brute_force_parses, dp_labels, encode, mutate, parse, random_grammar, sample)
+from tasks.cfg import CFGConfig, brute_force_parses, dp_labels, encode, parse, random_grammar, sample
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,20 @@ def test_parser_accepts_generated_and_labels_match_generation(grammar):
             unique += 1
             assert r.ancestors == s.ancestors and r.boundary == s.boundary
     assert unique > 20
+
+
+def mutate(tokens: list[int], rng: random.Random, terminals: int = 3) -> list[int]:
+    """One random edit: replace, delete or insert a terminal (never the identity edit)."""
+    t = list(tokens)
+    kind = rng.choice(("replace", "delete", "insert"))
+    i = rng.randrange(len(t))
+    if kind == "replace":
+        t[i] = rng.choice([x for x in range(terminals) if x != t[i]])
+    elif kind == "delete":
+        del t[i]
+    else:
+        t.insert(i, rng.randrange(terminals))
+    return t
 
 
 def test_parser_rejects_mutations_and_agrees_with_brute_force(grammar):

@@ -178,13 +178,11 @@ def test_probe_plot(tmp_path):
 
 
 def _remote_acts(remote_lm, lm, freeze: bool):
-    import contextlib
-
-    from tests.test_circles import frozen
+    from interpkit.remote.loopback import frozen
 
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 39, (10, 5), generator=g)
-    with frozen(lm.hf) if freeze else contextlib.nullcontext():          # NDIF runs models frozen
+    with frozen(lm.hf, freeze):                                          # NDIF runs models frozen
         local = collect_residuals(lm, ids, "all", chunk_rows=4)
     remote = collect_residuals(remote_lm, ids, "all", chunk_rows=4)     # 3 chunks, one session
     assert torch.equal(local, remote)

@@ -304,21 +304,20 @@ def test_our_packages_ship_only_by_value(model, server):
     import interpkit.errors as errors_module
     from nnsight.intervention.backends.remote import RemoteError
 
-    with by_value_registry():
-        with pytest.raises(RemoteError, match=r"Module interpkit\.errors is not whitelisted .*ensure_shipped"):
-            with model.trace(CLEAN, remote=True):
-                logits = model.lm_head.output
-                if logits.shape[-1] < 0:
-                    raise UserError("impossible")
-                out = logits[0, -1].save()
-
-        assert ensure_shipped() == ("interpkit", "analyses", "tasks")
+    def naming_interpkit():
+        """A trace whose code names one of our classes (UserError)."""
         with model.trace(CLEAN, remote=True):
             logits = model.lm_head.output
             if logits.shape[-1] < 0:
                 raise UserError("impossible")
             out = logits[0, -1].save()
-        assert out.shape == (len(WORDS) + 2,)
+        return out
+
+    with by_value_registry():
+        with pytest.raises(RemoteError, match=r"Module interpkit\.errors is not whitelisted .*ensure_shipped"):
+            naming_interpkit()
+        assert ensure_shipped() == ("interpkit", "analyses", "tasks")
+        assert naming_interpkit().shape == (len(WORDS) + 2,)
 
         with pytest.raises(RemoteError, match="not the module object"):
             with model.trace(CLEAN, remote=True):

@@ -46,6 +46,8 @@ def test_signature_reads_the_evidence():
     aa = signature(torch.tensor([.2, .3, .5, .97, 1.]), torch.tensor([.5, .55, .6, .97, 1.]), [0, 3], [0, 3])
     assert aa.verdict == "AA" and aa.state_first_layer == aa.parity_first_layer == 3
     assert signature(torch.full((5,), .3), torch.full((5,), .6), [], []).verdict == "inconclusive"
+    seq = signature(torch.tensor([.27, 1.]), torch.tensor([.54, 1.]), [15], [15])
+    assert seq.verdict == "sequential" and seq.strength == "strong"
     assert prefix_boundary(torch.tensor([[0., .6, 1.], [0., .2, .4]]), [0, 1, 2]) == [1, None]
 
 

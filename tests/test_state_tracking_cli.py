@@ -13,7 +13,7 @@ import torch
 from interpkit.errors import UserError
 from interpkit.training import (TrainConfig, _token_maps, evaluate, make_batch, random_position_ids,
                                 skipped_layers, step_length, train)
-from tasks.permutations import build_tokenizer, data_command, load_topic_mapping, symmetric_group
+from tasks.permutations import build_tokenizer, data_command, load_topic_mapping, sample_stories, symmetric_group
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
 
@@ -217,3 +217,86 @@ def test_looped_training_exports_an_ordinary_model(tmp_path):
     ids = res.tokenizer(["123 213 321 132 231"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# scratchpad: the length-generalising recipe
+# --------------------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models"
+
+
+def test_scratchpad_layout_is_next_token_prediction_of_the_states():
+    from tasks.permutations import make_labels, run_states, scratchpad_sequence
+
+    st = sample_stories(32, 7, 3, seed=1)
+    seq, lab = scratchpad_sequence(st.actions, 3), make_labels(st.actions, 3, "scratchpad")
+    assert seq.shape == lab.shape == (32, 14) and (seq[:, 0] == 0).all()          # s_0 = identity
+    assert torch.equal(seq[:, 1::2], st.actions) and torch.equal(lab[:, 1::2], st.states)
+    assert torch.equal(lab[:, 1:-1:2], seq[:, 2::2])          # each label is the next token of the story
+    assert (lab[:, 0::2] == -100).all()
+    assert torch.equal(run_states(st.actions, 3), st.states)
+
+
+def test_scratchpad_generation_matches_text_fed_back_by_hand():
+    """``evaluate(scratchpad=True)`` feeds greedy states back; redo it from story text through the tokenizer."""
+    from interpkit.training import _state_logits, build_model
+
+    cfg = tiny(supervision="scratchpad", arch="mistral", window=2, bos=True)
+    model, tok = build_model(cfg)
+    model.eval()
+    g = symmetric_group(3)
+    st = sample_stories(4, 5, 3, seed=5)
+    logits = _state_logits(model, tok, st.actions, 3, scratchpad=True)
+    state_ids = torch.tensor([tok.convert_tokens_to_ids(s) for s in g.strings])
+    for i in range(4):
+        text = g.strings[0]
+        for t in range(5):
+            text += " " + g.strings[int(st.actions[i, t])]
+            ids = tok(text, return_tensors="pt").input_ids
+            assert ids[0, 0] == tok.bos_token_id
+            with torch.no_grad():
+                ref = model(input_ids=ids).logits[0, -1, state_ids]
+            torch.testing.assert_close(logits[i, t], ref, rtol=1e-5, atol=1e-5)
+            text += " " + g.strings[int(ref.argmax())]
+
+
+def test_scratchpad_with_a_two_token_window_generalises_in_length():
+    """Trained at lengths 1..6 for 250 steps; generated states stay right at 3x the training length."""
+    cfg = tiny(supervision="scratchpad", arch="mistral", window=2, d_model=32, n_heads=4, batch_size=64,
+               steps=250, warmup_steps=20, lr=3e-3, init_std=0.1, min_len=1, eval_every=0)
+    res = train(cfg, resume=False)
+    ev = evaluate(res.model, res.tokenizer, n=3, length=18, n_stories=300, seed=3, scratchpad=True)
+    assert ev["min_state_acc"] >= 0.95, ev["state_acc"]
+    teacher = evaluate(res.model, res.tokenizer, n=3, length=18, n_stories=300, seed=3)   # no states shown
+    assert teacher["state_acc"][-1] < 0.5                       # without its scratchpad the model cannot do it
+
+
+@pytest.mark.parametrize("group", [3, 5])
+def test_shipped_scratchpad_models_keep_state_at_twice_the_length(group):
+    from interpkit.models import load_model
+    from interpkit.training import evaluate_length_generalization
+
+    path = SHIPPED / f"s{group}-scratchpad"
+    recipe = json.loads((path / "recipe.json").read_text())["config"]
+    assert recipe["supervision"] == "scratchpad" and recipe["n"] == group
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 2_000_000
+    lm = load_model(str(path))
+    ev = evaluate_length_generalization(lm.hf, lm.tokenizer, n=group, train_len=recipe["train_len"], factor=2,
+                                        n_stories=500, seed=11, scratchpad=True)
+    assert ev["state_acc"][-1] >= 0.90 and ev["min_state_acc_in_train_len"] >= 0.98
+
+
+def test_eval_cli_signature_of_the_scratchpad_model(tmp_path, monkeypatch, capsys):
+    code, out, err = _cli(monkeypatch, capsys, "eval", "--model", str(SHIPPED / "s3-scratchpad"), "--stories", "200",
+                          "--out", str(tmp_path), "--signature", "--lengthwise", "4,8,16", "--probe-stories", "100")
+    assert code == 0, err
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["scratchpad"] and res["state_acc"][-1] >= 0.9
+    assert res["signature"]["state_probe"][-1] >= 0.95 and res["signature"]["verdict"] == "sequential"
+    assert "verdict: sequential" in out
+    assert res["lengthwise"]["state_first_layer"] == [1, 1, 1]      # one layer at every length: a one-step update
+
+
+def test_window_needs_mistral(monkeypatch, capsys, tmp_path):
+    code, out, err = _cli(monkeypatch, capsys, "train", "--output-dir", str(tmp_path / "m"), "--window", "2")
+    assert code == 2 and "window needs arch mistral" in err and "Traceback" not in err

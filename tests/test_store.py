@@ -92,3 +92,26 @@ def test_manifest_has_provenance_and_no_secrets(tmp_path, monkeypatch):
     assert m["seed"] == 3 and m["config"]["layers"] == [1, 2]
     assert {"python", "torch", "nnsight", "transformers"} <= set(m["versions"])
     assert "git_commit" in m and "timings" in m
+
+
+def test_assembled_result_lives_in_results_h5(tmp_path):
+    import h5py
+
+    s = RunStore("demo", CFG, model="m", root=tmp_path)
+    s.write_chunk(0, {"x": np.zeros(2)})
+    s.write_result("exact", {"values": np.arange(6.0).reshape(2, 3), "labels": [b"a", b"b"]}, attrs={"by": "head"})
+    s.write_result("exact", {"values": np.ones((2, 3))}, attrs={"by": "position"})     # a rerun replaces it
+    s.close()
+    again = RunStore("demo", CFG, model="m", root=tmp_path)                            # verified on reopen
+    assert again.done_chunks() == ["000000"]                                           # chunks only: resume
+    np.testing.assert_array_equal(again.read_result("exact")["values"], np.ones((2, 3)))
+    assert set(again.read_result("exact")) == {"values"}
+    with h5py.File(again.h5_path, "r") as f:
+        assert f["result/exact"].attrs["by"] == "position"
+    with pytest.raises(UserError, match="no result 'attribution'"):
+        again.read_result("attribution")
+    again.close()
+    with h5py.File(again.h5_path, "a") as f:                                           # changed behind our back
+        f["result/exact/values"][0, 0] = 5.0
+    with pytest.raises(UserError, match="result exact .* sha256"):
+        RunStore("demo", CFG, model="m", root=tmp_path)

@@ -2,7 +2,6 @@
 steering (coefficient 0 = unsteered, token for token; unsteered = plain HF greedy generation) and the CLI."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,7 @@ from analyses.tools.dla import dla
 from analyses.tools.logit_lens import logit_lens
 from analyses.tools.steering import steer
 from interpkit.errors import UserError
+from interpkit.remote.loopback import frozen
 from tasks import get_task
 from tests.conftest import tiny
 
@@ -21,24 +21,11 @@ POS, NEG = ["Mary is happy and glad", "John loves it"], ["Mary is sad and angry"
 GEN = ["When Mary and John went to the store,", "Then, Alice"]
 
 
-@contextmanager
-def frozen(lm):
-    """NDIF (and the loopback) serve frozen weights; a local run under the same condition is bit-comparable."""
-    params = [p for p in lm.hf.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def both(lm, fn):
     """(local, remote through the loopback, requests the remote run made)."""
     from interpkit.remote.loopback import LoopbackNDIF
 
-    with frozen(lm):
+    with frozen(lm.hf):                    # NDIF (and the loopback) serve frozen weights: bit-comparable
         local = fn(lm)
     with LoopbackNDIF(lm.model) as server:
         before = server.n_requests

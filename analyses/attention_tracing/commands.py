@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from analyses.attention_tracing import graphs as gr
-from analyses.attention_tracing.trace import TraceConfig, TraceResult, trace_prompts
+from analyses.attention_tracing.trace import AttnTraceConfig, AttnTraceResult, trace_prompts
 from interpkit.errors import UserError
 from interpkit.progress import stage
 
@@ -73,7 +73,7 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
     from interpkit.store import RunStore
     from tasks import get_task
 
-    cfg = TraceConfig(task=task, n_prompts=n, seed=seed, batch_size=batch_size, attn_factor=attn_factor,
+    cfg = AttnTraceConfig(task=task, n_prompts=n, seed=seed, batch_size=batch_size, attn_factor=attn_factor,
                       signal_share=signal_share, seed_share=seed_share, upstream_share=upstream_share,
                       min_trace_layer=min_trace_layer, require_correct=require_correct, labels=labels,
                       center=center)
@@ -127,7 +127,7 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
     return summary
 
 
-def _trace_summary(res: TraceResult) -> dict:
+def _trace_summary(res: AttnTraceResult) -> dict:
     recs = res.to_dataframe()
     out = {"prompts": len(res.status), "traced": len(res.traced),
            "skipped": {s: res.status.count(s) for s in set(res.status) if s != "traced"},

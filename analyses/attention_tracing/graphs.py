@@ -17,24 +17,18 @@ from pathlib import Path
 
 import networkx as nx
 
-KINDS = ("head", "mlp", "attn_bias", "embed", "root")
+from interpkit.plots import pyplot
+
+NODE_IDS = {"head": "L{layer}H{head}|{dest}|{src}", "mlp": "MLP{layer}|{dest}", "attn_bias": "BIAS{layer}|{dest}",
+            "embed": "EMB|{dest}", "root": "LOGITS|{dest}"}     # node kinds and the format of their ids
 
 
 def node(kind: str, layer: int = -1, head: int = -1, dest: str = "", src: str = "",
          dest_pos: int = -1, src_pos: int = -1) -> tuple[str, dict]:
     """(id, attributes) of a graph node."""
-    if kind == "head":
-        nid = f"L{layer}H{head}|{dest}|{src}"
-    elif kind == "mlp":
-        nid = f"MLP{layer}|{dest}"
-    elif kind == "attn_bias":
-        nid = f"BIAS{layer}|{dest}"
-    elif kind == "embed":
-        nid = f"EMB|{dest}"
-    elif kind == "root":
-        nid = f"LOGITS|{dest}"
-    else:
+    if kind not in NODE_IDS:
         raise ValueError(f"unknown node kind {kind!r}")
+    nid = NODE_IDS[kind].format(layer=layer, head=head, dest=dest, src=src)
     return nid, dict(kind=kind, layer=int(layer), head=int(head), dest_role=dest, src_role=src,
                      dest_pos=int(dest_pos), src_pos=int(src_pos))
 
@@ -191,11 +185,7 @@ def read_cytoscape(path: str | Path) -> nx.MultiDiGraph:
 
 def plot_circuit(G: nx.MultiDiGraph, path: str | Path, title: str = "") -> Path:
     """Layered drawing: x = layer, nodes of a layer stacked; q edges blue, k edges red, logit edges grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by_layer: dict[int, list[str]] = defaultdict(list)
     for n, a in sorted(G.nodes(data=True), key=lambda x: (x[1]["layer"], x[1]["head"], x[0])):
         by_layer[int(a["layer"])].append(n)

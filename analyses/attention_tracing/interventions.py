@@ -299,7 +299,7 @@ def edge_interventions(lm, omega, prompts, graphs: dict, unified, cfg: CircuitCo
 def signal_removal(lm, omega, prompts, records, share: float = 1.0, max_edges: int = 200, seed: int = 0,
                    modes=("remove", "random"), max_rows: int = 64, decimals: int | None = 5):
     """Remove each traced edge side's whole signal subspace from the head's input, and a random
-    equal-size subspace of the same Omega as a control. ``records``: ``TraceResult.records``."""
+    equal-size subspace of the same Omega as a control. ``records``: ``AttnTraceResult.records``."""
     recs = [r for r in records if r["n_selected"] > 0][:max_edges]
     decs = decompose_prompts(lm, omega, prompts, [r["prompt"] for r in recs])
     gen = torch.Generator().manual_seed(seed)

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
+
 SIDES = ("q", "k")
 
 
@@ -82,11 +84,6 @@ class LayerFactors:
         return torch.linalg.solve_triangular(R, torch.cat([W, b[:, None]], dim=1), upper=True, left=False)
 
 
-def center_rows(W: torch.Tensor) -> torch.Tensor:
-    """W [H, d, dh] with the mean over d_model removed (TransformerLens' centring of reading weights)."""
-    return W - W.mean(-2, keepdim=True)
-
-
 def layer_factors(W_Q, b_Q, W_K, b_K, scale: float, softcap) -> LayerFactors:
     """LayerFactors from folded (and possibly centred) float64 Q/K weights of one layer."""
     QA, RA = qr_pos(W_Q)
@@ -95,29 +92,18 @@ def layer_factors(W_Q, b_Q, W_K, b_K, scale: float, softcap) -> LayerFactors:
                         scale=scale, softcap=softcap)
 
 
-def augmented_r(R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """R of the QR of [A; b] from R of A: the upper Cholesky factor of R^T R + b b^T."""
-    G = R.transpose(-1, -2) @ R + b[..., :, None] * b[..., None, :]
-    return torch.linalg.cholesky(G).transpose(-1, -2)
-
-
-def qr_pos(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced QR with a non-negative diagonal of R (the unique QR of a full-rank matrix)."""
-    Q, R = torch.linalg.qr(A)
-    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return Q * sign[..., None, :], R * sign[..., :, None]
-
-
 class Omega:
     """Per-head Omega SVDs of one model (see module docstring), computed lazily and cached.
 
     ``core(side, delta)`` -> (u [L,H,dh,dh], s [L,H,dh], vh [L,H,dh,dh]); ``svd(layer, head, side, delta)``
     -> full-space (U, S, V); ``matrix(...)`` -> the dense Omega (tests). ``rotation(delta)`` -> M(delta).
+    ``factors`` ({layer: LayerFactors}) and ``cores`` ({(side, delta): (u, s, vh)}): computed elsewhere
+    (``remote_omega``); a matching disk cache still takes precedence for the cores.
     """
 
     def __init__(self, arch, model_id: str | None = None, revision: str | None = None,
-                 cache_dir: str | Path | None = None, center: bool = True, factors: dict | None = None):
+                 cache_dir: str | Path | None = None, center: bool = True, factors: dict | None = None,
+                 cores: dict | None = None):
         self.arch = arch
         self.center = bool(center)
         self.centred = self.center and arch.family.centred_norm   # RMSNorm inputs are not mean-free
@@ -125,7 +111,7 @@ class Omega:
         self.revision = revision
         self._factors: dict[int, LayerFactors] = dict(factors or {})
         self.remote = factors is not None               # factors computed where the weights are (NDIF)
-        self._cores: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cores: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = dict(cores or {})
         self._rot: dict[int, torch.Tensor] = {}
         self._dirty: set[tuple[str, int]] = set()
         suffix = ("" if self.centred or not arch.family.centred_norm else ".uncentred") + \

@@ -13,7 +13,7 @@ import torch
 
 from analyses.attention_tracing import graphs as gr
 from analyses.attention_tracing.signals import minimal_set
-from analyses.attention_tracing.trace import Frontier, TraceConfig, _node, seeds
+from analyses.attention_tracing.trace import AttnTraceConfig, Frontier, candidate_node, seeds
 
 
 class DenseSVD:
@@ -119,7 +119,8 @@ def _describe(i, shape, has_bias):
     return ("embed",)
 
 
-def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prompt: int = 0, dense_svd: bool = True):
+def trace_prompt_reference(omega, dec, direction, labels, cfg: AttnTraceConfig, prompt: int = 0,
+                           dense_svd: bool = True):
     """Same result as ``trace.trace_prompt`` (graph, n traced edge sides), computed with loops."""
     svd = DenseSVD(omega) if dense_svd else (lambda l, h, side, delta: omega.svd(l, h, side, delta))
     L, end = omega.arch.n_layers, dec.n - 1
@@ -134,7 +135,7 @@ def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prom
     frontier = Frontier(dec, cfg)
     for i in sel.tolist():
         desc = _describe(i, shape, has_bias)
-        gr.add_edge(G, _node(desc, end, labels), root, "logit", float(values[i]))
+        gr.add_edge(G, candidate_node(desc, end, labels), root, "logit", float(values[i]))
         frontier.push(desc, end)
     n_sides = 0
     while frontier and n_sides < 2 * cfg.max_edges:
@@ -151,6 +152,6 @@ def trace_prompt_reference(omega, dec, direction, labels, cfg: TraceConfig, prom
             values, shape = _upstream(dec, layer, side, B, weights, sigma, pos)
             for i in minimal_set(values, cfg.upstream_share).tolist():
                 desc = _describe(i, shape, has_bias)
-                gr.add_edge(G, _node(desc, pos, labels), down, side, float(values[i]))
+                gr.add_edge(G, candidate_node(desc, pos, labels), down, side, float(values[i]))
                 frontier.push(desc, pos)
     return G, n_sides

@@ -45,13 +45,6 @@ REFERENCES: dict[str, dict[str, list]] = {
     "gt-gpt2-hanna2023": GT_GPT2_HANNA2023,
     "gp-gpt2-mathwin2023": GP_GPT2_MATHWIN2023,
 }
-CITATIONS = {
-    "ioi-gpt2-wang2022": "Wang et al. 2022, Interpretability in the Wild, arXiv:2211.00593 (26 heads, path patching)",
-    "gt-gpt2-hanna2023": "Hanna et al. 2023, How does GPT-2 compute greater-than?, arXiv:2305.00586 "
-                         "(8 heads + MLPs 8-11, path patching)",
-    "gp-gpt2-mathwin2023": "Mathwin et al. 2023, a preliminary circuit for gendered pronouns in GPT-2 small "
-                           "(ACDC; 8 heads + 8 MLPs, as listed by Franco & Crovella 2025)",
-}
 TASK_REFERENCES = {"ioi": ["ioi-gpt2-wang2022"], "gt": ["gt-gpt2-hanna2023"], "gp": ["gp-gpt2-mathwin2023"]}
 INCLUDE_MLP = {"ioi-gpt2-wang2022": False, "gt-gpt2-hanna2023": True, "gp-gpt2-mathwin2023": True}
 

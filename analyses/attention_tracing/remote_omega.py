@@ -13,19 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
 from interpkit.arch import raw_qk
-
-
-def _qr_pos(A: torch.Tensor):
-    Q, R = torch.linalg.qr(A)
-    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return Q * sign[..., None, :], R * sign[..., :, None]
-
-
-def _aug_r(R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    G = R.transpose(-1, -2) @ R + b[..., :, None] * b[..., None, :]
-    return torch.linalg.cholesky(G).transpose(-1, -2)
 
 
 def server_factors(model, layout: str, qkv: tuple, ln_bias: bool, layers: list, H: int, Hkv: int, dh: int,
@@ -47,12 +36,11 @@ def server_factors(model, layout: str, qkv: tuple, ln_bias: bool, layers: list, 
         W_K = (gain[:, None] * Wk).T.reshape(Hkv, dh, d).transpose(1, 2)
         b_K = (shift @ Wk + bk).reshape(Hkv, dh)
         if centred:
-            W_Q = W_Q - W_Q.mean(-2, keepdim=True)
-            W_K = W_K - W_K.mean(-2, keepdim=True)
-        QA, RA = _qr_pos(W_Q)
-        QK, RK = _qr_pos(W_K)
-        u_q, s_q, vh_q = torch.linalg.svd(RA @ _aug_r(RK, b_K)[kv].transpose(-1, -2))
-        u_k, s_k, vh_k = torch.linalg.svd(_aug_r(RA, b_Q) @ RK[kv].transpose(-1, -2))
+            W_Q, W_K = center_rows(W_Q), center_rows(W_K)
+        QA, RA = qr_pos(W_Q)
+        QK, RK = qr_pos(W_K)
+        u_q, s_q, vh_q = torch.linalg.svd(RA @ augmented_r(RK, b_K)[kv].transpose(-1, -2))
+        u_k, s_k, vh_k = torch.linalg.svd(augmented_r(RA, b_Q) @ RK[kv].transpose(-1, -2))
         out.append([QA.to(frame_dtype).detach().cpu(), RA.detach().cpu(), QK.to(frame_dtype).detach().cpu()]
                    + [t.detach().cpu() for t in (RK, b_Q, b_K, u_q, s_q, vh_q, u_k, s_k, vh_k)])
     return out
@@ -104,12 +92,10 @@ def omega_from_remote(lm, center: bool = True, cache_dir=None, frame_dtype: torc
         QK, RK, b_K = QK[kv], RK[kv], b_K[kv]                     # key factors of each query head's KV head
         scale = a._scale(a.attn_module(layer), layer)
         softcap = a.softcap(layer)
-        factors[layer] = LayerFactors(QA @ RA, b_Q, QK @ RK, b_K, QA, RA, _aug_r(RK, b_K), QK, RK, _aug_r(RA, b_Q),
-                                      scale=float(scale), softcap=softcap)
+        factors[layer] = LayerFactors(QA @ RA, b_Q, QK @ RK, b_K, QA, RA, augmented_r(RK, b_K), QK, RK,
+                                      augmented_r(RA, b_Q), scale=float(scale), softcap=softcap)
         cores["q"].append((u_q, s_q, vh_q))
         cores["k"].append((u_k, s_k, vh_k))
     _local_rotary(a)
-    omega = Omega(a, lm.name, lm.revision, cache_dir=cache_dir, center=center, factors=factors)
-    for side in ("q", "k"):
-        omega._cores.setdefault((side, 0), tuple(torch.stack([c[i] for c in cores[side]]) for i in range(3)))
-    return omega
+    delta0 = {(side, 0): tuple(torch.stack([c[i] for c in cores[side]]) for i in range(3)) for side in ("q", "k")}
+    return Omega(a, lm.name, lm.revision, cache_dir=cache_dir, center=center, factors=factors, cores=delta0)

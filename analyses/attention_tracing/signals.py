@@ -129,26 +129,21 @@ def edge_signal(omega, dec, layer: int, head: int, dest: int, src: int, side: st
     """The signal of edge (layer, head, dest <- src) on ``side`` ("q" or "k"); needs dest >= 1.
     ``decimals``: see ``minimal_set`` (the trace uses the paper's 5)."""
     f = omega.factors(layer)
-    srcs = torch.tensor([src])
+    components = query_components if side == "q" else key_components
+    comps, bias, small, weight = components(omega, dec, layer, head, dest, torch.tensor([src]))
+    comps, small, weight = comps[0], small[0], weight[0]         # (u, beta) on the query side, (v, lam) on the key side
+    sel = minimal_set(comps, share, decimals)
+    frame = f.QA[head] if side == "q" else f.QK[head]
+    basis = frame @ small[:, sel]
     if side == "q":
-        comps, bias, u, beta = query_components(omega, dec, layer, head, dest, srcs)
-        comps, u, beta = comps[0], u[0], beta[0]
-        sel = minimal_set(comps, share, decimals)
-        frame, small = f.QA[head], u
-        basis = frame @ u[:, sel]
         positions = torch.tensor([dest])
-        C = (f.scale * beta[sel])[None]
+        C = (f.scale * weight[sel])[None]
     else:
-        comps, bias, v, lam = key_components(omega, dec, layer, head, dest, srcs)
-        comps, v, lam = comps[0], v[0], lam[0]
-        sel = minimal_set(comps, share, decimals)
-        frame, small = f.QK[head], v
-        basis = frame @ v[:, sel]
         n = dest + 1
         positions = torch.arange(n)
-        omega_w = torch.full((n,), -1.0 / (n - 1), dtype=lam.dtype)
+        omega_w = torch.full((n,), -1.0 / (n - 1), dtype=weight.dtype)
         omega_w[src] = 1.0
-        C = f.scale * omega_w[:, None] * lam[:, sel]
+        C = f.scale * omega_w[:, None] * weight[:, sel]
     return SideSignal(side=side, layer=layer, head=head, dest=dest, src=src, comps=comps, bias=float(bias[0]),
                       selected=sel, positions=positions, B=basis, C=C, basis=basis, frame=frame, small=small)
 

@@ -21,16 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from interpkit.plots import finish
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from interpkit.plots import finish, pyplot
 
 
 # -- sparse attention decomposition ------------------------------------------------------------------
@@ -54,7 +45,7 @@ def plot_sparsity(records: list[dict], path=None, n_layers: int | None = None, n
     layer x head heatmaps of the mean fraction of the rank used."""
     import pandas as pd
 
-    plt = _plt()
+    plt = pyplot()
     df = pd.DataFrame(records)
     df = df[df.n_selected > 0]
     rank = int(df["rank"].max()) if len(df) else 1
@@ -86,7 +77,6 @@ def plot_sparsity(records: list[dict], path=None, n_layers: int | None = None, n
         axes[1, c].set_title("mean components / rank")
         fig.colorbar(im, ax=axes[1, c])
     fig.suptitle("sparse attention decomposition")
-    fig.tight_layout()
     return finish(fig, path)
 
 
@@ -102,7 +92,7 @@ def firing_signals(lm, omega, prompts, pids: list[int], attn_thresh: float = 0.4
 
     decs = decompose_prompts(lm, omega, prompts, pids, decs)
     rows, vecs = [], []
-    L, H = lm.arch.n_layers, lm.arch.n_heads
+    L = lm.arch.n_layers
     for pid in pids:
         dec = decs[pid]
         for layer in range(L):
@@ -218,7 +208,7 @@ def plot_control(heads, clusters: dict, vectors: np.ndarray, n_layers: int, n_he
                  similarity: float = 0.5):
     """Three panels: per-head mean cosine distance of default-token signals (controlled heads marked),
     the cosine-distance matrix ordered by cluster, inner products with the prototype."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     grid = np.full((n_layers, n_heads), np.nan)
     for r in heads.itertuples():
@@ -247,7 +237,6 @@ def plot_control(heads, clusters: dict, vectors: np.ndarray, n_layers: int, n_he
     axes[2].set_xlabel("inner product with the prototype signal")
     axes[2].legend(fontsize=7)
     axes[2].set_title("control-signal prototype", fontsize=9)
-    fig.tight_layout()
     return finish(fig, path)
 
 
@@ -296,7 +285,7 @@ def threshold_sweep(lm, prompts, unified, effects, thresholds, min_prompts: int,
 
 
 def plot_sweep(df, path=None, title: str = ""):
-    plt = _plt()
+    plt = pyplot()
     has_ref = "f1" in df
     fig, axes = plt.subplots(1, 3 if has_ref else 2, figsize=(14 if has_ref else 9.5, 3.8))
     x = df.threshold
@@ -316,13 +305,12 @@ def plot_sweep(df, path=None, title: str = ""):
         ax.set_xlabel("|mean delta logit diff| threshold")
         ax.legend(fontsize=7)
     fig.suptitle(title or "threshold sweep")
-    fig.tight_layout()
     return finish(fig, path)
 
 
 def plot_compare(scores: dict, path=None, title: str = ""):
     """Grouped bars of precision / recall / F1, one group per reference name."""
-    plt = _plt()
+    plt = pyplot()
     names = list(scores)
     fig, ax = plt.subplots(figsize=(1.5 + 2.2 * len(names), 3.6))
     w = 0.26
@@ -336,5 +324,4 @@ def plot_compare(scores: dict, path=None, title: str = ""):
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=7)
     ax.set_title(title or "traced circuit vs reference circuits")
-    fig.tight_layout()
     return finish(fig, path)

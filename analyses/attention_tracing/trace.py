@@ -38,7 +38,7 @@ LABELS = ("role", "tokens", "position")
 
 
 @dataclass
-class TraceConfig:
+class AttnTraceConfig:
     """Every threshold of the tracing algorithm (defaults: the paper's)."""
 
     task: str = "ioi"
@@ -72,10 +72,10 @@ class TraceConfig:
 
 
 @dataclass
-class TraceResult:
+class AttnTraceResult:
     """Per-prompt graphs (None where a prompt was skipped), why, and one record per traced edge side."""
 
-    config: TraceConfig
+    config: AttnTraceConfig
     graphs: list
     status: list[str]
     records: list[dict]
@@ -95,8 +95,8 @@ class TraceResult:
 
 
 # -- labels -----------------------------------------------------------------------------------------
-def position_labels(prompts, row: int, offset: int, tokens: list[str], mode: str = "role") -> list[str]:
-    """A label per position (without padding): the task role there, else the token text (#k if repeated);
+def node_labels(prompts, row: int, offset: int, tokens: list[str], mode: str = "role") -> list[str]:
+    """A graph-node label per position (without padding): the task role there, else the token text (#k if repeated);
     ``mode="tokens"``: the token text everywhere; ``"position"``: pos<i>."""
     n = len(tokens)
     if mode == "position":
@@ -152,7 +152,8 @@ class Candidates:
         return ("embed",)
 
 
-def _node(desc: tuple, pos: int, labels: list[str]):
+def candidate_node(desc: tuple, pos: int, labels: list[str]):
+    """The graph node of a ``Candidates.describe`` tuple at position ``pos``."""
     kind = desc[0]
     if kind == "head":
         _, l, h, t = desc
@@ -162,13 +163,13 @@ def _node(desc: tuple, pos: int, labels: list[str]):
     return gr.node("embed", -1, -1, labels[pos], "", pos)
 
 
-def traceable(dec, layer: int, head: int, d: int, s: int, cfg: TraceConfig) -> bool:
+def traceable(dec, layer: int, head: int, d: int, s: int, cfg: AttnTraceConfig) -> bool:
     """Whether edge (layer, head, d <- s) is traced: deep enough, >= 2 sources, above-uniform attention."""
     return (layer >= cfg.min_trace_layer and 1 <= d and 0 <= s <= d
             and float(dec.A[layer, head, d, s]) >= cfg.attn_factor / (d + 1))
 
 
-def seeds(values: torch.Tensor, cfg: TraceConfig) -> torch.Tensor:
+def seeds(values: torch.Tensor, cfg: AttnTraceConfig) -> torch.Tensor:
     """Components selected at the logit: the minimal set reaching ``seed_share``, or the fallback share
     when that set is larger than ``max_seeds``."""
     sel = minimal_set(values, cfg.seed_share)
@@ -179,7 +180,7 @@ class Frontier:
     """The breadth-first search's queue: head edges (layer, head, dest, src) still to trace, each once,
     and only those ``traceable`` admits."""
 
-    def __init__(self, dec, cfg: TraceConfig):
+    def __init__(self, dec, cfg: AttnTraceConfig):
         self.dec, self.cfg, self.queue, self.seen = dec, cfg, deque(), set()
 
     def push(self, desc: tuple, pos: int) -> None:
@@ -197,7 +198,7 @@ class Frontier:
 
 
 # -- one prompt -------------------------------------------------------------------------------------
-def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: TraceConfig, prompt: int = 0):
+def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: AttnTraceConfig, prompt: int = 0):
     """(graph or None, records, status) for one decomposed prompt."""
     L, end = omega.arch.n_layers, dec.n - 1
     G = nx.MultiDiGraph(prompt=prompt, offset=dec.offset, n=dec.n)
@@ -211,7 +212,7 @@ def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: Tr
     frontier = Frontier(dec, cfg)
     for i in sel.tolist():
         desc = cand.describe(i)
-        gr.add_edge(G, _node(desc, end, labels), root, "logit", float(cand.values[i]))
+        gr.add_edge(G, candidate_node(desc, end, labels), root, "logit", float(cand.values[i]))
         frontier.push(desc, end)
     records = []
     while frontier and len(records) < 2 * cfg.max_edges:
@@ -230,7 +231,7 @@ def trace_prompt(omega, dec, direction: torch.Tensor, labels: list[str], cfg: Tr
             cand = Candidates(con, pos, fold_later=side == "k")
             for i in minimal_set(cand.values, cfg.upstream_share).tolist():
                 desc = cand.describe(i)
-                gr.add_edge(G, _node(desc, pos, labels), down, side, float(cand.values[i]))
+                gr.add_edge(G, candidate_node(desc, pos, labels), down, side, float(cand.values[i]))
                 frontier.push(desc, pos)
     return G, records, "traced"
 
@@ -242,7 +243,7 @@ def correct_rows(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor
     return ((answer_ids == top) & (answer_ids >= 0)).any(-1)
 
 
-def trace_batch(lm, omega, weights, prompts, rows: list[int], cfg: TraceConfig, acts: dict | None = None):
+def trace_batch(lm, omega, weights, prompts, rows: list[int], cfg: AttnTraceConfig, acts: dict | None = None):
     """Trace prompts ``rows`` of a PromptSet with one activation trace; returns (graphs, status, records)."""
     sub = prompts.subset(rows)
     acts = collect(lm, sub.batch()) if acts is None else acts
@@ -256,14 +257,14 @@ def trace_batch(lm, omega, weights, prompts, rows: list[int], cfg: TraceConfig, 
         dec = decompose(omega, weights, acts, b)
         ids = sub.input_ids[b, dec.offset:].tolist()
         tokens = [lm.tokenizer.decode([i]) for i in ids]
-        labels = position_labels(sub, b, dec.offset, tokens, cfg.labels)
+        labels = node_labels(sub, b, dec.offset, tokens, cfg.labels)
         direction, _ = logit_direction(weights, sub.answer_ids[b], wrong[b])
         G, rec, st = trace_prompt(omega, dec, direction, labels, cfg, prompt=pid)
         graphs.append(G), status.append(st), records.extend(rec)
     return graphs, status, records
 
 
-def trace_prompts(lm, prompts, cfg: TraceConfig, omega=None, on_batch=None, skip=None) -> TraceResult:
+def trace_prompts(lm, prompts, cfg: AttnTraceConfig, omega=None, on_batch=None, skip=None) -> AttnTraceResult:
     """Trace every prompt of ``prompts`` in batches of ``cfg.batch_size`` (one trace per batch).
 
     ``on_batch(i, rows, graphs, status, records)`` is called after each batch (the CLI stores it);
@@ -278,7 +279,7 @@ def trace_prompts(lm, prompts, cfg: TraceConfig, omega=None, on_batch=None, skip
         raise UserError(f"the Omega passed is {'' if omega.center else 'un'}centred but the config asks for "
                         f"center={cfg.center}")
     weights = load_weights(lm.arch)
-    result = TraceResult(config=cfg, graphs=[], status=[], records=[])
+    result = AttnTraceResult(config=cfg, graphs=[], status=[], records=[])
     for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         rows = list(range(start, min(start + cfg.batch_size, len(prompts))))
         stored = skip(i) if skip is not None else None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 
 from analyses.probing import ProbeConfig, ProbeResult, probe_layers, random_like
+from interpkit.plots import finish, pyplot
 
 
 @dataclass
@@ -73,12 +74,7 @@ def probe_cfg(lm, grammar, *, n: int = 300, seed: int = 4242, random_baseline: b
 
 def plot_cfg_probes(res: CFGProbeResult, path, title: str = "CFG DP-state probes") -> None:
     """One panel per label kind (anc, bnd, ancend): test accuracy by layer, trained solid vs random dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from interpkit.plots import finish
-
+    plt = pyplot()
     kinds = ("anc", "bnd", "ancend")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, kind in zip(axes, kinds):

@@ -26,6 +26,7 @@ import torch
 
 from analyses.vprobe import VProbeConfig, fit_vprobe
 from analyses.probing import ProbeConfig, collect_residuals, probe_activations, prompt_split, random_like
+from interpkit.plots import finish, pyplot
 
 TARGETS = ("nece@question", "dep@statements", "nece@solution", "can_next@solution", "value@solution",
            "value@question")
@@ -207,12 +208,7 @@ def rows_dicts(rows: list[VProbeRow]) -> list[dict]:
 
 def plot_vprobes(groups: dict[str, list[VProbeRow]], path, title: str = "iGSM V-probes") -> None:
     """Grouped bars per target: test accuracy of each model (e.g. deep, wide) and its random-init copy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from interpkit.plots import finish
-
+    plt = pyplot()
     targets = [r.target for r in next(iter(groups.values()))]
     n = len(groups)
     width = 0.8 / (2 * n)
@@ -235,12 +231,7 @@ def plot_vprobes(groups: dict[str, list[VProbeRow]], path, title: str = "iGSM V-
 
 def plot_layers(curves: dict[str, list[float]], chance: float, path, title: str) -> None:
     """Probe test accuracy by layer, one line per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from interpkit.plots import finish
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, (name, acc) in enumerate(curves.items()):
         ax.plot(range(len(acc)), acc, marker="o", color=f"C{i // 2}", ls="-" if i % 2 == 0 else "--", label=name)

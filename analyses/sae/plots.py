@@ -1,22 +1,19 @@
 """Figures of SAE cluster reconstructions: top PCA components, coloured by token."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 
 
 def plot_cluster(rec, token_strings: list[str], values: dict[str, torch.Tensor], path: str | Path,
                  title: str = "") -> Path:
     """PC1-PC2 and PC2-PC3 of a cluster reconstruction; days / months coloured by their value on a
     cyclic map, the three most frequent other tokens in their own colours, the rest grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from collections import Counter
-
+    plt = pyplot()
     Z = rec.pcs.numpy()
     rows = rec.rows
     n_pairs = 2 if Z.shape[1] >= 3 else 1

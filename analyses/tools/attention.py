@@ -18,6 +18,7 @@ import torch
 from analyses.tools.common import check_layers, encode, run_traces
 from analyses.tools.reads import read_pattern
 from interpkit.errors import UserError
+from interpkit.plots import pyplot, save_cropped
 
 DETECTORS = ("previous_token", "duplicate_token", "induction")
 
@@ -187,35 +188,32 @@ def detect_heads(lm, n_tokens: int = 20, batch: int = 8, seed: int = 0, threshol
 
 
 # -- figures -------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _layer_heatmap(matrix: torch.Tensor, layers: list[int], columns: list[str], xlabel: str, path, title: str,
+                   label: str, figsize: tuple[float, float], vmax: float | None = None, rotation: int = 0) -> str:
+    """A layer x ``columns`` heatmap (viridis from 0), saved to ``path``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=rotation, fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=label)
+    return save_cropped(fig, path)
 
 
 def plot_heads(matrix: torch.Tensor, layers: list[int], path, title: str, label: str, vmax: float | None = None) -> str:
     """A layer x head heatmap."""
-    plt = _plt()
     L, H = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.35 * H + 2), max(2.5, 0.3 * L + 1.3)))
-    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=vmax or max(float(matrix.max()), 1e-6), aspect="auto")
-    ax.set_xticks(range(H), [str(h) for h in range(H)], fontsize=7)
-    ax.set_yticks(range(L), [str(l) for l in layers], fontsize=7)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label=label)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return _layer_heatmap(matrix, layers, [str(h) for h in range(H)], "head", path, title, label,
+                          (max(3.5, 0.35 * H + 2), max(2.5, 0.3 * L + 1.3)),
+                          vmax=vmax or max(float(matrix.max()), 1e-6))
 
 
 def plot_patterns(A: torch.Tensor, tokens: list[str], layer: int, path) -> str:
     """One prompt's attention patterns at one layer, a panel per head ([H, T, T], padding removed)."""
-    plt = _plt()
+    plt = pyplot()
     H, T = A.shape[0], A.shape[-1]
     cols = min(H, 4)
     rows = (H + cols - 1) // cols
@@ -231,23 +229,12 @@ def plot_patterns(A: torch.Tensor, tokens: list[str], layer: int, path) -> str:
         ax.set_xticks(range(T), tokens, rotation=90, fontsize=5)
         ax.set_yticks(range(T), tokens, fontsize=5)
     fig.tight_layout()
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_cropped(fig, path)
 
 
 def plot_profile(prof: torch.Tensor, layers: list[int], labels: list[str], path, title: str) -> str:
     """Layer x source-position heatmap of mean attention from one position."""
-    plt = _plt()
     L, T = prof.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * T + 2), max(2.5, 0.35 * L + 1.3)))
-    im = ax.imshow(prof.numpy(), cmap="viridis", vmin=0, aspect="auto")
-    ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(L), [str(l) for l in layers], fontsize=7)
-    ax.set_xlabel("source position")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="attention (mean over heads and prompts)")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return _layer_heatmap(prof, layers, labels, "source position", path, title,
+                          "attention (mean over heads and prompts)", (max(4.0, 0.35 * T + 2), max(2.5, 0.35 * L + 1.3)),
+                          rotation=90)

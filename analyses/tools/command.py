@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from analyses.tools.common import parse_dtype, token_labels
+from analyses.tools.common import encode, parse_dtype, token_labels
 from interpkit.errors import UserError
 
 
@@ -45,6 +45,19 @@ def build_prompts(lm, task: str | None = None, dataset: str | None = None, promp
     return list(prompts)
 
 
+def load_with_prompts(model: str, remote, dtype, device, task, dataset, prompts, n, seed, echo):
+    """(model, prompts): ``load`` then ``build_prompts``, the start of every prompt-based tool."""
+    lm = load(model, remote, dtype, device)
+    return lm, build_prompts(lm, task, dataset, prompts, n=n, seed=seed, echo=echo)
+
+
+def timed(fn, *args, **kw):
+    """(``fn(*args, **kw)``, its wall-clock seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
 def open_store(analysis: str, config: dict, model: str, lm, seed: int | None, out: str, run_id: str | None):
     from interpkit.store import RunStore
 
@@ -58,8 +71,11 @@ def store_arrays(store, arrays: dict, seconds: float) -> None:
         store.write_chunk("result", {k: np.asarray(v) for k, v in arrays.items()}, seconds=seconds)
 
 
-def _n(prompts) -> int:
-    return len(prompts)
+def echo_outputs(store, figures: list[str], echo) -> None:
+    """The closing lines of a command: where its run went and each figure it wrote."""
+    echo(f"results: {store.dir}")
+    for f in figures:
+        echo(f"figure:  {f}")
 
 
 # -- cache -------------------------------------------------------------------------------------------------
@@ -71,11 +87,8 @@ def cache_command(model: str, sites: str = "resid_pre", layers: list[int] | None
     from analyses.tools.cache import cache, parse_sites
 
     names = parse_sites(sites)
-    lm = load(model, remote, dtype, device)
-    ps = build_prompts(lm, task, dataset, prompts, n=n, seed=seed, echo=echo)
-    t0 = time.perf_counter()
-    acts = cache(lm, ps, sites=names, layers=layers, max_bytes=max_gb * 2 ** 30, echo=echo)
-    seconds = time.perf_counter() - t0
+    lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, prompts, n, seed, echo)
+    acts, seconds = timed(cache, lm, ps, sites=names, layers=layers, max_bytes=max_gb * 2 ** 30, echo=echo)
     cfg = {"sites": names, "layers": layers, "task": task, "dataset": dataset, "prompts": prompts, "n": n,
            "dtype": dtype}
     with open_store("cache", cfg, model, lm, seed, out, run_id) as store:
@@ -98,11 +111,8 @@ def logit_lens_command(model: str, task: str | None = None, dataset: str | None 
     """``interpkit logit-lens``: per layer, top-k tokens; answer probability, rank and logit difference."""
     from analyses.tools.logit_lens import logit_lens, plot_answer, plot_lens
 
-    lm = load(model, remote, dtype, device)
-    ps = build_prompts(lm, task, dataset, prompts, n=n, seed=seed, echo=echo)
-    t0 = time.perf_counter()
-    res = logit_lens(lm, ps, k=top_k)
-    seconds = time.perf_counter() - t0
+    lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, prompts, n, seed, echo)
+    res, seconds = timed(logit_lens, lm, ps, k=top_k)
     cfg = {"task": task, "dataset": dataset, "prompts": prompts, "n": n, "top_k": top_k, "dtype": dtype}
     with open_store("logit_lens", cfg, model, lm, seed, out, run_id) as store:
         store_arrays(store, {"top_ids": res.top_ids, "top_probs": res.top_probs, "answer_prob": res.answer_prob,
@@ -115,7 +125,7 @@ def logit_lens_command(model: str, task: str | None = None, dataset: str | None 
         store.note(figures=figures)
         store.finish(rows=summary)
     keep = res.attention_mask[0].bool()
-    echo(f"logit lens of {_n(ps)} prompt(s) on {model}; prompt 0: {lm.tokenizer.decode(res.input_ids[0][keep])!r}")
+    echo(f"logit lens of {len(ps)} prompt(s) on {model}; prompt 0: {lm.tokenizer.decode(res.input_ids[0][keep])!r}")
     has_answer = not torch.isnan(res.answer_prob).all()
     head = f"  {'row':<6} {'top-' + str(top_k) + ' at the last position (prompt 0)':<58}"
     echo(head + (f" {'p(answer)':>9} {'rank':>6} {'logit diff':>10}" if has_answer else ""))
@@ -126,9 +136,7 @@ def logit_lens_command(model: str, task: str | None = None, dataset: str | None 
         if has_answer:
             line += f" {row['answer_prob']:>9.4f} {row['answer_rank_median']:>6.0f} {row['logit_diff']:>10.3f}"
         echo(line)
-    echo(f"results: {store.dir}")
-    for f in figures:
-        echo(f"figure:  {f}")
+    echo_outputs(store, figures, echo)
     return {"run_dir": str(store.dir), "rows": summary, "figures": figures}
 
 
@@ -139,11 +147,8 @@ def dla_command(model: str, task: str | None = None, dataset: str | None = None,
     """``interpkit dla``: the logit difference split into embedding, heads, MLPs (final-norm scale frozen)."""
     from analyses.tools.dla import dla, plot_dla
 
-    lm = load(model, remote, dtype, device)
-    ps = build_prompts(lm, task, dataset, None, n=n, seed=seed, echo=echo)
-    t0 = time.perf_counter()
-    res = dla(lm, ps, by_source=by_source)
-    seconds = time.perf_counter() - t0
+    lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, None, n, seed, echo)
+    res, seconds = timed(dla, lm, ps, by_source=by_source)
     cfg = {"task": task, "dataset": dataset, "n": n, "by_source": by_source, "dtype": dtype}
     err = res.max_error()
     ranked = res.ranked(top)
@@ -156,7 +161,7 @@ def dla_command(model: str, task: str | None = None, dataset: str | None = None,
         figures = [plot_dla(res, store.dir / "dla.png")]
         store.note(figures=figures, convention="final-norm scale frozen at the run's value; pre-softcap logits")
         store.finish(top=ranked, max_sum_error=err, logit_diff=float(res.logit_diff.mean()))
-    echo(f"DLA of {_n(ps)} prompt(s) on {model}: logit diff {float(res.logit_diff.mean()):.4f} (mean); "
+    echo(f"DLA of {len(ps)} prompt(s) on {model}: logit diff {float(res.logit_diff.mean()):.4f} (mean); "
          f"parts sum to it within {err:.2e} (final-norm scale frozen)")
     echo(f"  {'part':<14} {'mean contribution':>18}")
     for row in ranked:
@@ -170,8 +175,7 @@ def dla_command(model: str, task: str | None = None, dataset: str | None = None,
             labels = token_labels(lm, ps.input_ids[0])
             echo(f"  {row['part']}: " + ", ".join(f"{int(p)} {labels[int(p)]!r} {float(src[l, h, p]):+.3f}"
                                                  for p in pos))
-    echo(f"results: {store.dir}")
-    echo(f"figure:  {figures[0]}")
+    echo_outputs(store, figures, echo)
     return {"run_dir": str(store.dir), "top": ranked, "max_error": err, "figures": figures}
 
 
@@ -213,8 +217,8 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
     # every part is one trace; all of them run as one batch (remotely: one session = one NDIF request)
     parts = []
     if ps is not None:
-        if not 0 <= show < _n(ps):
-            raise UserError(f"--show {show} is out of range; there are {_n(ps)} prompts (0..{_n(ps) - 1})")
+        if not 0 <= show < len(ps):
+            raise UserError(f"--show {show} is out of range; there are {len(ps)} prompts (0..{len(ps) - 1})")
         one = ps.subset([show]) if hasattr(ps, "subset") else [ps[show]]
         parts.append(("patterns", None, cache_call(lm, one, sites=["pattern"], layers=layers)))
         for d, s_ in _role_pairs(roles):
@@ -224,10 +228,8 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
     if detect:
         parts.append(("detect", None, A.detect_heads_call(lm, n_tokens=n_tokens, seed=seed, threshold=threshold,
                                                           layers=layers)))
-    t0 = time.perf_counter()
-    outs = run_traces(lm, [call for _, _, (call, _) in parts])
+    outs, seconds = timed(run_traces, lm, [call for _, _, (call, _) in parts])
     results = [(kind, key, finish(out)) for (kind, key, (_, finish)), out in zip(parts, outs)]
-    seconds = time.perf_counter() - t0
     summary, figures, arrays = {}, [], {}
     with open_store("attention", cfg, model, lm, seed, out, run_id) as store:
         for kind, key, res in results:
@@ -243,7 +245,7 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
                 summary[f"{d}->{s_}"] = res.top(10)
                 arrays[f"role_{d}_to_{s_}"] = res.per_prompt
                 figures.append(A.plot_heads(res.mean, res.layers, store.dir / f"role_{d}_to_{s_}.png",
-                                            f"attention {d}->{s_} (mean over {_n(ps)} prompts)", "attention"))
+                                            f"attention {d}->{s_} (mean over {len(ps)} prompts)", "attention"))
             elif kind == "profile":
                 by_layer = res.by_layer()
                 arrays[f"profile_{key}"] = res.per_prompt
@@ -268,15 +270,11 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
         store.note(figures=figures)
         store.finish(**{k.replace("->", "_to_"): v for k, v in summary.items()})
     _print_attention(summary, echo)
-    echo(f"results: {store.dir}")
-    for f in figures:
-        echo(f"figure:  {f}")
+    echo_outputs(store, figures, echo)
     return {"run_dir": str(store.dir), "summary": summary, "figures": figures}
 
 
 def encode_ids(lm, prompts) -> torch.Tensor:
-    from analyses.tools.common import encode
-
     return encode(lm, prompts)["input_ids"][0]
 
 
@@ -321,9 +319,8 @@ def steer_command(model: str, layer: int, positive: list[str] | None = None, neg
     neg = _lines(negative, negative_file, "negative prompts")
     coefficients = list(coefficients) if coefficients else [0.0, 4.0, 8.0]
     lm = load(model, remote, dtype, device)
-    t0 = time.perf_counter()
-    res = steer(lm, pos, neg, list(prompts or []), layer, coefficients, max_new_tokens, pos_word, neg_word)
-    seconds = time.perf_counter() - t0
+    res, seconds = timed(steer, lm, pos, neg, list(prompts or []), layer, coefficients, max_new_tokens, pos_word,
+                         neg_word)
     cfg = {"layer": layer, "positive": pos, "negative": neg, "prompts": prompts, "coefficients": coefficients,
            "max_new_tokens": max_new_tokens, "pos_word": pos_word, "neg_word": neg_word, "dtype": dtype}
     with open_store("steering", cfg, model, lm, None, out, run_id) as store:

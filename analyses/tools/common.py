@@ -56,6 +56,17 @@ def check_layers(lm, layers: list[int] | None) -> list[int]:
     return [lm.arch.check_layer(int(l)) for l in layers]
 
 
+def run_trace(lm, fn, *args):
+    """``fn(model, *args, remote=lm.remote)``: one trace (one NDIF request remotely, after shipping our
+    modules, which NDIF does not have), without gradients."""
+    if lm.remote:
+        from interpkit.remote import ensure_shipped
+
+        ensure_shipped()
+    with torch.no_grad():
+        return fn(lm.model, *args, remote=lm.remote)
+
+
 def run_traces(lm, calls: list) -> list:
     """``fn(model, *args)`` for every ``(fn, args)``: locally one after another; remotely all inside one
     ``model.session`` (one NDIF request; each fn's trace must not pass ``remote`` itself)."""

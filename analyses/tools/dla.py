@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import encode, geometry
+from analyses.tools.common import encode, geometry, run_trace
 from analyses.tools.reads import (Geometry, first, frozen_scale, masked_mean_rows, norm_gain, o_proj_weight,
                                   read_pattern, read_qkv)
 from interpkit.errors import UserError
+from interpkit.metrics import logit_diff
+from interpkit.plots import pyplot, save_cropped
 
 
 @dataclass
@@ -102,11 +104,7 @@ def trace_dla(model, inputs: dict, g: Geometry, answer: torch.Tensor, wrong: tor
         if g.unembed_bias:
             b_U = model.unembed.bias.float()
             const = const + (masked_mean_rows(b_U[:, None], answer) - masked_mean_rows(b_U[:, None], wrong))[:, 0]
-        out_logits = model.unembed.output[:, -1].float()
-        valid_a, valid_w = answer >= 0, wrong >= 0
-        picked_a = (out_logits.gather(-1, answer.clamp_min(0)) * valid_a).sum(-1) / valid_a.sum(-1).clamp_min(1)
-        picked_w = (out_logits.gather(-1, wrong.clamp_min(0)) * valid_w).sum(-1) / valid_w.sum(-1).clamp_min(1)
-        target = (picked_a - picked_w).cpu().save()
+        target = logit_diff(model.unembed.output[:, -1].float(), answer, wrong).cpu().save()
         r_embed = (embed * e).sum(-1).cpu().save()
         r_heads = torch.stack([torch.einsum("bhd,bd->bh", hv, e) for hv in head_vecs], 1).cpu().save()
         r_bias = torch.stack([(b * e).sum(-1) for b in biases], 1).cpu().save()
@@ -121,19 +119,13 @@ def trace_dla(model, inputs: dict, g: Geometry, answer: torch.Tensor, wrong: tor
 
 def dla(lm, prompts, by_source: bool = False) -> DLAResult:
     """DLA of ``prompts`` (a PromptSet with answers; wrong answers give the logit-difference direction)."""
-    from interpkit.remote import ensure_shipped
-
     answer = getattr(prompts, "answer_ids", None)
     if answer is None:
         raise UserError("DLA needs answers; pass a task (e.g. --task ioi) or a --dataset with an answer field")
     wrong = prompts.wrong_ids if prompts.wrong_ids is not None else torch.full_like(answer[:, :1], -1)
     inputs = encode(lm, prompts)
-    g = geometry(lm)
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        emb, heads, bias, mlp, const, target, src = trace_dla(lm.model, inputs, g, answer, wrong, by_source,
-                                                               remote=lm.remote)
+    emb, heads, bias, mlp, const, target, src = run_trace(lm, trace_dla, inputs, geometry(lm), answer, wrong,
+                                                          by_source)
     return DLAResult(embed=emb, heads=heads, attn_bias=bias, mlp=mlp, const=const, logit_diff=target,
                      by_source=torch.stack(list(src), 1) if by_source else None,
                      input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -141,11 +133,7 @@ def dla(lm, prompts, by_source: bool = False) -> DLAResult:
 
 def plot_dla(res: DLAResult, path, title: str = "direct logit attribution") -> str:
     """Heads (layer x head heatmap) next to the embedding / MLP bars, mean over prompts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     heads = res.heads.mean(0)
     L, H = heads.shape
     lim = float(heads.abs().max()) or 1.0
@@ -162,6 +150,4 @@ def plot_dla(res: DLAResult, path, title: str = "direct logit attribution") -> s
     a2.set_yticks(range(len(vals)), labels, fontsize=6)
     a2.invert_yaxis()
     a2.set_title("embedding and MLPs", fontsize=9)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_cropped(fig, path)

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import encode, geometry, token_labels
+from analyses.tools.common import encode, geometry, run_trace, token_labels
 from analyses.tools.reads import Geometry, first
 from interpkit.errors import UserError
+from interpkit.metrics import logit_diff
+from interpkit.plots import pyplot, save_cropped
 
 
 @dataclass
@@ -50,11 +52,6 @@ def _lens_logits(model, h: torch.Tensor, softcap: float) -> torch.Tensor:
     return logits
 
 
-def _masked_mean(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    valid = ids >= 0
-    return (logits.gather(-1, ids.clamp_min(0)) * valid).sum(-1) / valid.sum(-1).clamp_min(1)
-
-
 def trace_lens(model, inputs: dict, g: Geometry, k: int, answer: torch.Tensor, wrong: torch.Tensor,
                keep_logits: bool, remote=False):
     """The lens trace. Runs unchanged locally and on NDIF (torch only; small tensors come back)."""
@@ -73,7 +70,7 @@ def trace_lens(model, inputs: dict, g: Geometry, k: int, answer: torch.Tensor, w
             a_logit = last.gather(-1, a)
             a_prob.append(probs[:, -1].gather(-1, a)[:, 0].cpu())
             a_rank.append((last > a_logit).sum(-1).cpu())
-            ldiff.append((_masked_mean(last, answer) - _masked_mean(last, wrong)).cpu())
+            ldiff.append(logit_diff(last, answer, wrong).cpu())
             if keep_logits:
                 kept.append(last.detach().cpu())
         final = model.output.logits[:, -1].float().detach().cpu().save()
@@ -82,8 +79,6 @@ def trace_lens(model, inputs: dict, g: Geometry, k: int, answer: torch.Tensor, w
 
 def logit_lens(lm, prompts, k: int = 5, keep_logits: bool = False) -> LensResult:
     """The logit lens of ``prompts`` (strings or a PromptSet; a PromptSet's answers give the answer rows)."""
-    from interpkit.remote import ensure_shipped
-
     if k < 1:
         raise UserError("--top-k must be >= 1")
     inputs = encode(lm, prompts)
@@ -94,11 +89,8 @@ def logit_lens(lm, prompts, k: int = 5, keep_logits: bool = False) -> LensResult
     answer = answer if has_answer else torch.zeros(B, 1, dtype=torch.long)
     wrong = wrong if has_wrong else torch.full_like(answer[:, :1], -1)
     g = geometry(lm)
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        top_ids, top_probs, a_prob, a_rank, ldiff, kept, final = trace_lens(
-            lm.model, inputs, g, k, answer, wrong, keep_logits, remote=lm.remote)
+    top_ids, top_probs, a_prob, a_rank, ldiff, kept, final = run_trace(lm, trace_lens, inputs, g, k, answer, wrong,
+                                                                       keep_logits)
     nan = torch.full((g.n_layers + 1, B), float("nan"))
     rows = ["embed"] + [f"L{l}" for l in range(1, g.n_layers)] + ["out"]
     return LensResult(rows=rows, top_ids=torch.stack(list(top_ids)), top_probs=torch.stack(list(top_probs)),
@@ -112,11 +104,7 @@ def logit_lens(lm, prompts, k: int = 5, keep_logits: bool = False) -> LensResult
 def plot_lens(res: LensResult, lm, path, prompt: int = 0) -> str:
     """The usual logit-lens figure: rows x positions of one prompt, coloured by the top-1 probability and
     annotated with the top-1 token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keep = res.attention_mask[prompt].bool()
     ids = res.input_ids[prompt][keep]
     probs = res.top_probs[:, prompt][:, keep, 0].float()
@@ -135,18 +123,12 @@ def plot_lens(res: LensResult, lm, path, prompt: int = 0) -> str:
     ax.set_ylabel("residual stream read before layer")
     ax.set_title("logit lens: top-1 token and its probability", fontsize=9)
     fig.colorbar(im, ax=ax, label="top-1 probability")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_cropped(fig, path)
 
 
 def plot_answer(res: LensResult, path) -> str:
     """Answer probability and logit difference per lens row (mean over prompts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = range(len(res.rows))
     ax.plot(x, res.answer_prob.mean(1).numpy(), marker="o", label="p(answer)")
@@ -157,6 +139,4 @@ def plot_answer(res: LensResult, path) -> str:
         ax2.plot(x, res.logit_diff.mean(1).numpy(), marker="s", color="tab:red", label="logit diff")
         ax2.set_ylabel("logit diff (answer - wrong)", color="tab:red")
     ax.set_title("logit lens at the last position (mean over prompts)", fontsize=9)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_cropped(fig, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from analyses.tools.common import run_trace
 from interpkit.metrics import seq_logprob
 from tasks.base import append_tokens
 
@@ -24,10 +25,4 @@ def answer_logprobs(lm, prompts, which: str = "answer") -> torch.Tensor:
 
     Uses ``meta["answer_seq"]`` / ``meta["wrong_seq"]`` (custom datasets) and falls back to the single
     token in ``answer_ids`` / ``wrong_ids`` column 0 (built-in tasks)."""
-    from interpkit.remote import ensure_shipped
-
-    inputs, ans = append_tokens(prompts.batch(), prompts.sequences(which))
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        return trace_logprobs(lm.model, inputs, ans, remote=lm.remote)
+    return run_trace(lm, trace_logprobs, *append_tokens(prompts.batch(), prompts.sequences(which)))

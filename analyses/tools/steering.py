@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.tools.common import encode
+from analyses.tools.common import encode, run_trace
 from analyses.tools.reads import first
 from interpkit.errors import UserError
 
@@ -98,8 +98,6 @@ def steer(lm, positive: list[str], negative: list[str], prompts: list[str], laye
           pos_word: str | None = None, neg_word: str | None = None) -> SteerResult:
     """Contrastive activation addition at ``layer``: generate from ``prompts`` unsteered and at every
     coefficient (one session; one NDIF request remotely)."""
-    from interpkit.remote import ensure_shipped
-
     if not positive or not negative:
         raise UserError("steering needs a positive and a negative prompt set (at least one prompt each)")
     if not prompts:
@@ -112,10 +110,7 @@ def steer(lm, positive: list[str], negative: list[str], prompts: list[str], laye
     job = SteerJob(layer=layer, coefficients=[float(c) for c in coefficients], max_new_tokens=max_new_tokens,
                    pos_id=_first_token(lm, pos_word), neg_id=_first_token(lm, neg_word))
     pos, neg, inputs = encode(lm, positive), encode(lm, negative), encode(lm, prompts)
-    if lm.remote:
-        ensure_shipped()
-    with torch.no_grad():
-        vector, plain, gens, metrics = run_steering(lm.model, pos, neg, inputs, job, remote=lm.remote)
+    vector, plain, gens, metrics = run_trace(lm, run_steering, pos, neg, inputs, job)
     T = inputs["input_ids"].shape[1]
     dec = lambda ids: [lm.tokenizer.decode(r[T:], skip_special_tokens=True) for r in ids]  # noqa: E731
     metrics = [torch.as_tensor(m) for m in metrics]

@@ -37,6 +37,21 @@ def ndif_host() -> str:
     return str(_config().API.HOST)
 
 
+def host_url(host: str | None = None) -> str:
+    """``host`` (default: the configured NDIF host) without a trailing slash."""
+    return (host or ndif_host()).rstrip("/")
+
+
+def get_json(url: str, timeout: float = 10.0, read: float = 60.0):
+    """The JSON body of ``GET url`` (connect timeout ``timeout``, read timeout at least ``read`` seconds);
+    raises ``httpx.HTTPError`` (no answer, an error status) or ``ValueError`` (not JSON)."""
+    import httpx
+
+    response = httpx.get(url, timeout=httpx.Timeout(timeout, read=max(timeout, read)))
+    response.raise_for_status()
+    return response.json()
+
+
 def configure(api_key: str | None = None, host: str | None = None, *, persist: bool = False) -> None:
     """Apply an API key and/or host to nnsight's ``CONFIG`` for this process.
 
@@ -72,8 +87,9 @@ def ensure_shipped(*extra: str) -> tuple[str, ...]:
     return names
 
 
-def local_versions(packages: tuple[str, ...] = CHECKED_PACKAGES + ("torch",)) -> dict[str, str]:
-    """Installed versions of ``packages`` (import names), as nnsight's ``get_local_env`` keys them."""
+def local_versions(packages: tuple[str, ...] = CHECKED_PACKAGES + ("torch",), missing: str = "-") -> dict[str, str]:
+    """Installed versions of ``packages`` (import names), as nnsight's ``get_local_env`` keys them;
+    ``missing`` for a package that is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -81,7 +97,7 @@ def local_versions(packages: tuple[str, ...] = CHECKED_PACKAGES + ("torch",)) ->
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
-            out[pkg] = "-"
+            out[pkg] = missing
     return out
 
 
@@ -90,11 +106,9 @@ def server_env(host: str | None = None, timeout: float = 10.0) -> dict:
     from the ``GET /env`` endpoint that ``nnsight.compare()`` reads."""
     import httpx
 
-    host = (host or ndif_host()).rstrip("/")
+    host = host_url(host)
     try:
-        response = httpx.get(f"{host}/env", timeout=httpx.Timeout(timeout, read=max(timeout, 60.0)))
-        response.raise_for_status()
-        return response.json()
+        return get_json(f"{host}/env", timeout, read=60.0)
     except (httpx.HTTPError, ValueError) as e:
         raise UserError(f"cannot read the NDIF server's versions from {host}/env "
                         f"({type(e).__name__}: {e}); check the host and your network") from None
@@ -125,7 +139,7 @@ def check_versions(model_repo_id: str, *, remote_env: dict | None = None, local_
         remote_env = server_env(host)
     bad = version_mismatches(remote_env, local_env)
     if bad:
-        where = (host or ndif_host()).rstrip("/")
+        where = host_url(host)
         parts = ", ".join(f"{pkg} {srv} but this machine has {loc}" for pkg, (loc, srv) in bad.items())
         pins = " ".join(f"{pkg}=={srv}" for pkg, (_, srv) in bad.items())
         raise UserError(f"version mismatch for remote runs of {model_repo_id}: NDIF ({where}) runs {parts}; "

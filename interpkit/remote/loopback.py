@@ -56,6 +56,7 @@ are not checked.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -91,6 +92,22 @@ _DESCRIPTIONS = {
     "RUNNING": "Your job has started running.",
     "COMPLETED": "Your job has been completed.",
 }
+
+
+@contextlib.contextmanager
+def frozen(module, on: bool = True):
+    """``module``'s parameters with ``requires_grad`` off inside (restored after), as NDIF serves them: the flag
+    alone changes some CPU kernels' float rounding, so a local run compared bit for bit with a remote one
+    runs frozen too. ``on=False``: nothing changes."""
+    params = list(module.parameters()) if on else []
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def _sha256(text: str) -> str:
@@ -767,16 +784,14 @@ class LoopbackNDIF:
         from nnsight.tracing.tracer import _saves, dec, inc
 
         record, model = job.record, self.model
-        params = list(model._module.parameters()) if self.freeze else []
-        grads = [p.requires_grad for p in params]
+        weights = frozen(model._module, self.freeze)
         attn = getattr(model, "attn_implementation", None)
         real_stdout = sys.stdout
         router = _StdoutToLog(lambda line: self._respond(record, "LOG", line), threading.get_ident(), real_stdout)
         scope = _RequestScope()
         scope.__enter__()
         try:
-            for p in params:
-                p.requires_grad_(False)
+            weights.__enter__()
             model._remoteable_set_env(record.env)
             persistent = model._remoteable_persistent_objects()
             try:
@@ -802,8 +817,7 @@ class LoopbackNDIF:
                     sys.stdout = real_stdout
                 dec()
         finally:
-            for p, flag in zip(params, grads):
-                p.requires_grad_(flag)
+            weights.__exit__(None, None, None)
             if attn is not None and getattr(model, "attn_implementation", attn) != attn:
                 model._module.set_attn_implementation(attn)
             scope.__exit__()

@@ -24,13 +24,11 @@ def running_deployments(host: str | None = None, timeout: float = 10.0) -> list[
     ``/status`` cannot be read (offline, or a server without it)."""
     import httpx
 
-    from interpkit.remote.config import ndif_host
+    from interpkit.remote.config import get_json, host_url
 
-    host = (host or ndif_host()).rstrip("/")
+    host = host_url(host)
     try:
-        response = httpx.get(f"{host}/status", timeout=httpx.Timeout(timeout, read=max(timeout, 30.0)))
-        response.raise_for_status()
-        deployments = response.json().get("deployments", {})
+        deployments = get_json(f"{host}/status", timeout, read=30.0).get("deployments", {})
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     if not isinstance(deployments, dict):
@@ -49,7 +47,7 @@ def matches(name: str, deployment: dict, revision: str | None = None) -> bool:
 
 def check_model_running(name: str, revision: str | None = None, host: str | None = None) -> None:
     """One-line ``UserError`` when NDIF answers ``/status`` and ``name`` is not among its running models."""
-    from interpkit.remote.config import ndif_host
+    from interpkit.remote.config import host_url
 
     running = running_deployments(host)
     if running is None:
@@ -58,7 +56,7 @@ def check_model_running(name: str, revision: str | None = None, host: str | None
         return
     names = sorted({str(d.get("repo_id")) for d in running})
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    raise UserError(f"{name} is not running on NDIF ({(host or ndif_host()).rstrip('/')}) now"
+    raise UserError(f"{name} is not running on NDIF ({host_url(host)}) now"
                     f"{'; running: ' + shown if names else '; no model is running there'}; pick a running model "
                     f"(interpkit models) or run locally without --remote")
 
