@@ -28,9 +28,10 @@ Z_p (p = 7 or 12) at a role token (``start`` by default):
    r (cos t, sin t) of the probe's plane between two values' angles; results and figures in
    ``analyses.circle_studies``.
 
-All problems, all layers and all methods are rows of a few batched forwards; remotely one request.
-The replacement data is tiny (per layer: mean, PCA basis, the p circle points), the source rows are the
-clean problems in the same batch.
+All problems, all layers and all methods are rows of a few batched forwards, planned as the sweep
+engine's writes (``interpkit.engine``: ``circle_writes``, ``circle_forwards``) and run by it (locally
+forward by forward, remotely one request). The replacement data is tiny (per layer: mean, PCA basis,
+the p circle points), the source rows are the clean problems in the same batch.
 """
 from __future__ import annotations
 
@@ -44,12 +45,11 @@ import torch
 
 from analyses.circle_studies import DEFAULT_STEPS, SweepResult, deconstruct
 from analyses.probing import collect_residuals, random_like
-from interpkit.engine.run import run_session
+from interpkit.engine.inside import FINAL_IN, LOGITS, Forward, Readout, Write
+from interpkit.engine.run import run_forwards
 from interpkit.errors import UserError
 from interpkit.plots import finish, pyplot
 from interpkit.progress import stage
-from interpkit.remote import ensure_shipped
-from interpkit.sites import site
 
 METHODS = ("circle", "layer", "pca", "mean")
 PERIODS = {"days": 7, "months": 12}
@@ -248,55 +248,49 @@ def _forward_parts(items: list, N: int, max_rows: int) -> list[list]:
     return [items[s:s + per] for s in range(0, len(items), per)]
 
 
-def _chunk_plan(items, N: int, pos: torch.Tensor, fit: CircleFit, max_rows: int, n_layers: int | None = None):
-    """Split items into forwards; per forward: the row sources and, per layer, per method, index tensors."""
-    chunks = []
-    for part in _forward_parts(items, N, max_rows):
-        src_rows = torch.tensor([it[2] for it in part])
-        by_layer = []
-        for layer in sorted({it[0] for it in part}):
-            entry = {"at": layer, "final": layer == n_layers}     # n_layers: the final norm's input
-            for m in METHODS:
-                ks = [k for k, it in enumerate(part) if it[0] == layer and it[1] == m]
-                if not ks:
-                    entry[m] = None
-                    continue
-                rows = torch.tensor(ks) + N
-                i = torch.tensor([part[k][2] for k in ks])
-                j = torch.tensor([part[k][4] for k in ks])
-                t = torch.tensor([part[k][3] for k in ks])
-                entry[m] = (rows, pos[i], j, pos[j], t)
-            entry["mean_vec"] = fit.mean[layer].float()
-            entry["V"] = fit.V[layer].float()
-            entry["points"] = fit.circle_points(layer).float()
-            by_layer.append(entry)
-        chunks.append((part, src_rows, by_layer))
-    return chunks
+def circle_writes(part: list, N: int, pos: torch.Tensor, fit: CircleFit, n_layers: int | None = None) -> list[Write]:
+    """The engine writes of one forward's patched rows (row N + k is ``part[k]``), in forward order: per
+    layer (the residual entering it; ``n_layers``: the final norm's input), one ``Write`` per method at
+    the role positions: ``circle`` the probe's point of a' (rows of the p points), ``layer`` the partner
+    row's residual at its role position, ``pca`` only its component in the top-k PCA subspace, ``mean``
+    the mean. Sources are clean rows of the same batch, never written."""
+    writes = []
+    for layer in sorted({it[0] for it in part}):
+        name = FINAL_IN if layer == n_layers else "resid_pre"
+        for m in METHODS:
+            ks = [k for k, it in enumerate(part) if it[0] == layer and it[1] == m]
+            if not ks:
+                continue
+            rows = torch.tensor(ks) + N
+            i = torch.tensor([part[k][2] for k in ks])
+            j = torch.tensor([part[k][4] for k in ks])
+            t = torch.tensor([part[k][3] for k in ks])
+            if m == "circle":
+                writes.append(Write(name, layer, rows, pos=pos[i], value=fit.circle_points(layer).float(), take=t))
+            elif m == "layer":
+                writes.append(Write(name, layer, rows, pos=pos[i], src=j, src_pos=pos[j]))
+            elif m == "pca":
+                writes.append(Write(name, layer, rows, pos=pos[i], src=j, src_pos=pos[j], basis=fit.V[layer].float()))
+            else:
+                writes.append(Write(name, layer, rows, pos=pos[i], value=fit.mean[layer].float()))
+    return writes
 
 
-def trace_interventions(model, inputs: dict, by_layer: list, candidates: torch.Tensor, remote=False):
-    """One forward: clean rows first, then patched rows; returns last-position logits of the candidates.
-
-    Sources (``layer``, ``pca``) are clean rows of the same batch, never written. Runs unchanged on NDIF.
-    """
-    with model.trace(inputs, remote=remote, logits_to_keep=1):
-        for e in by_layer:
-            h = model.final_norm.input if e.get("final") else site(model, "resid_pre", e["at"])
-            if e["circle"] is not None:
-                rows, pos, _, _, t = e["circle"]
-                h[rows, pos] = e["points"][t].to(h.dtype)
-            if e["layer"] is not None:
-                rows, pos, j, pj, _ = e["layer"]
-                h[rows, pos] = h[j, pj]
-            if e["pca"] is not None:
-                rows, pos, j, pj, _ = e["pca"]
-                V = e["V"].to(h.dtype)
-                h[rows, pos] = h[rows, pos] + ((h[j, pj] - h[rows, pos]) @ V) @ V.T
-            if e["mean"] is not None:
-                rows, pos, _, _, _ = e["mean"]
-                h[rows, pos] = e["mean_vec"].to(h.dtype).expand(len(rows), -1)
-        out = model.output.logits[:, -1][:, candidates].float().detach().cpu().save()
+def circle_forwards(parts: list, clean: dict, writes, candidates: torch.Tensor) -> list[Forward]:
+    """One engine ``Forward`` per part: the clean rows, then the part's source rows (``parts[k][1]``)
+    patched by ``writes(part)``; each reports the last position's candidate logits."""
+    out = []
+    for part, src_rows in parts:
+        inputs = {k: torch.cat([v, v[src_rows]]) for k, v in clean.items()}
+        out.append(Forward(inputs, Readout(LOGITS, candidates, candidates=candidates), writes(part)))
     return out
+
+
+def _run_forwards(lm, forwards: list[Forward]) -> list[torch.Tensor]:
+    """Candidate logits of every forward: locally one by one (progress), remotely one request."""
+    with stage("circle interventions", len(forwards), "forwards", enabled=not lm.remote) as bar:
+        outs = run_forwards(lm.model, forwards, lm.remote, bar)
+    return [torch.as_tensor(o[0]) for o in outs]
 
 
 @dataclass
@@ -464,12 +458,13 @@ def _intervene(lm, prompts, cfg: CircleConfig, fit: CircleFit, values, period, p
     items, pairs = plan_items(values, others, period, layers, methods, cfg.targets_per_problem, cfg.seed)
     # items are ordered (layer, method, pair): reshaping the outputs to [layers, methods, pairs] relies on it
     N = len(prompts)
-    clean = prompts.batch()
-    chunks = _chunk_plan(items, N, pos, fit, cfg.max_rows, lm.arch.n_layers)
+    parts = [(part, torch.tensor([it[2] for it in part])) for part in _forward_parts(items, N, cfg.max_rows)]
+    forwards = circle_forwards(parts, prompts.batch(), lambda part: circle_writes(part, N, pos, fit, lm.arch.n_layers),
+                               cand)
     t0 = time.perf_counter()
-    outs = _run_chunks(lm, clean, chunks, cand)
+    outs = _run_forwards(lm, forwards)
     res.timings["interventions_s"] = time.perf_counter() - t0
-    res.timings["forwards"] = len(chunks)
+    res.timings["forwards"] = len(forwards)
 
     logits_clean = outs[0][:N]
     res.accuracy = float((logits_clean.argmax(-1) == answers).float().mean())
@@ -492,22 +487,6 @@ def _intervene(lm, prompts, cfg: CircleConfig, fit: CircleFit, values, period, p
     res.logit_diff = res.run_logit_diff.mean(-1)
     res.flip_rate = flip.reshape(len(layers), len(methods), P).mean(-1).T.contiguous()
     res.n_runs = len(items)
-
-
-def _run_chunks(lm, clean: dict, chunks, cand) -> list[torch.Tensor]:
-    def inputs(src_rows):
-        return {k: torch.cat([v, v[src_rows]]) for k, v in clean.items()}
-
-    jobs = [(inputs(src), by_layer, cand) for _, src, by_layer in chunks]
-    if lm.remote:
-        ensure_shipped()                    # our helpers travel by value: NDIF does not have them
-        return [torch.as_tensor(o) for o in run_session(lm.model, trace_interventions, jobs, lm.remote)]
-    outs = []
-    with torch.no_grad(), stage("circle interventions", len(jobs), "forwards") as bar:
-        for job in jobs:
-            outs.append(trace_interventions(lm.model, *job))
-            bar.advance()
-    return outs
 
 
 def circle_sweep(lm, prompts, fit, layer: int, frm: int, to: int, radii=None, n_angles: int = 13,
@@ -538,18 +517,15 @@ def circle_sweep(lm, prompts, fit, layer: int, frm: int, to: int, radii=None, n_
     points = fit.points_for(targets, layer).float()                # [R*A, d]
     pos = prompts.roles[role]
     items = [(g, i) for g in range(len(targets)) for i in range(N)]
-    chunks = []
-    for part in _forward_parts(items, N, max_rows):
-        i = torch.tensor([it[1] for it in part])
-        g = torch.tensor([it[0] for it in part])
-        entry = {"at": layer, "circle": (torch.arange(len(part)) + N, pos[i], None, None, g), "layer": None,
-                 "pca": None, "mean": None, "points": points, "mean_vec": fit.mean[layer].float(),
-                 "V": fit.V[layer].float()}
-        chunks.append((part, i, [entry]))
-    clean = prompts.batch()
-    outs = _run_chunks(lm, clean, chunks, cand)
+    parts = [(part, torch.tensor([it[1] for it in part])) for part in _forward_parts(items, N, max_rows)]
+
+    def writes(part):                                              # row N + k: problem i at point g
+        i, g = torch.tensor([it[1] for it in part]), torch.tensor([it[0] for it in part])
+        return [Write("resid_pre", layer, torch.arange(len(part)) + N, pos=pos[i], value=points, take=g)]
+
+    outs = _run_forwards(lm, circle_forwards(parts, prompts.batch(), writes, cand))
     if progress is not None:
-        progress(len(chunks))
+        progress(len(parts))
     logits = torch.cat([o[N:] for o in outs]).reshape(len(targets), N, p)
     pred = logits.argmax(-1)                                       # answer value
     implied = (pred - other[None]) % p if role == "start" else (pred - meta_tensor(prompts, "a")[None]) % p

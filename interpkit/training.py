@@ -278,7 +278,7 @@ def topic_word_matrix(cfg: TrainConfig):
     return rng.dirichlet(np.full(symmetric_group(cfg.n).size, cfg.beta), size=cfg.n_topics)
 
 
-def make_batch(cfg: TrainConfig, step: int, token_maps: tuple,
+def make_batch(cfg: TrainConfig, step: int, maps: tuple,
                length: int | None = None, topic_word=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of ``step``: a function of (seed, step, length) only. ``next_token`` reads
     topic-model stories (``topic_word``: the run's matrix, default ``topic_word_matrix(cfg)``)."""
@@ -292,7 +292,7 @@ def make_batch(cfg: TrainConfig, step: int, token_maps: tuple,
                                       seed=cfg.seed * 1_000_003 + step, topic_word=tw).words
     else:
         actions = sample_stories(cfg.batch_size, length, cfg.n, generator=gen).actions
-    bare, spaced, parity_ids, prefix = token_maps
+    bare, spaced, parity_ids, prefix = maps
     seq = scratchpad_sequence(actions, cfg.n) if cfg.supervision == "scratchpad" else actions
     ids = spaced[seq]
     ids[:, 0] = bare[seq[:, 0]]
@@ -309,7 +309,7 @@ def make_batch(cfg: TrainConfig, step: int, token_maps: tuple,
     return ids, labels
 
 
-def _token_maps(tokenizer, n: int) -> tuple:
+def token_maps(tokenizer, n: int) -> tuple:
     parity_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("0", "1")])
     return (perm_token_ids(tokenizer, n, space=False), perm_token_ids(tokenizer, n, space=True), parity_ids,
             special_prefix(tokenizer, n))
@@ -354,7 +354,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _load_checkpoint(path: Path, optimizer_factory):
+def load_checkpoint(path: Path, optimizer_factory):
     """(model, tokenizer, optimizer, meta) from a checkpoint folder."""
     import transformers as T
     from safetensors.torch import load_file
@@ -443,7 +443,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
     early = {"best_loss": None, "best_step": None, "bad": 0}
     best_state = None
     if ckpt is not None:
-        model, tok, opt, meta = _load_checkpoint(ckpt, factory)
+        model, tok, opt, meta = load_checkpoint(ckpt, factory)
         if TrainConfig.from_dict(meta["config"]) != _comparable(cfg, meta["config"]):
             raise UserError(f"{ckpt} was made with another config; use a fresh output_dir or resume=False")
         step, history, wall_before = meta["step"], meta["history"], meta["wall_s"]
@@ -461,7 +461,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
         step, history, wall_before = 0, [], 0.0
         cur = Curriculum(cfg)
     _apply_positions(model, cfg)
-    maps = _token_maps(tok, cfg.n)
+    maps = token_maps(tok, cfg.n)
     topic_word = topic_word_matrix(cfg) if cfg.supervision == "next_token" else None
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     t0 = time.perf_counter()
@@ -554,7 +554,7 @@ def validation_loss(model, tokenizer, cfg: TrainConfig, maps=None, topic_word=No
     held = replace(cfg, seed=cfg.seed + _EVAL_SEED_OFFSET, batch_size=cfg.eval_stories, min_len=None)
     if cfg.supervision == "next_token" and topic_word is None:
         topic_word = topic_word_matrix(cfg)
-    ids, labels = make_batch(held, 0, maps or _token_maps(tokenizer, cfg.n), cfg.train_len, topic_word)
+    ids, labels = make_batch(held, 0, maps or token_maps(tokenizer, cfg.n), cfg.train_len, topic_word)
     with _autocast(cfg):
         logits = model(input_ids=ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -768,7 +768,7 @@ class skipped_layers:
             h.remove()
 
 
-def _state_logits(model, tokenizer, actions: torch.Tensor, n: int, scratchpad: bool) -> torch.Tensor:
+def state_logits(model, tokenizer, actions: torch.Tensor, n: int, scratchpad: bool) -> torch.Tensor:
     """[N, T, P] logits of the state tokens after each action: one forward over the story, or with a
     scratchpad, T forwards that feed the model's own (greedy) states back."""
     state_ids = perm_token_ids(tokenizer, n, space=True)
@@ -795,7 +795,7 @@ def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: in
     par_ok = torch.zeros(length)
     p_true = torch.zeros(length)
     for i in range(0, n_stories, batch_size):
-        logits = _state_logits(model, tokenizer, st.actions[i:i + batch_size], n, scratchpad)
+        logits = state_logits(model, tokenizer, st.actions[i:i + batch_size], n, scratchpad)
         pred = logits.argmax(-1)
         true = st.states[i:i + batch_size]
         correct += (pred == true).float().sum(0)

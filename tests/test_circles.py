@@ -113,6 +113,46 @@ def test_interventions_equal_plain_hooks():
     assert torch.allclose(res.logit_diff, res.run_logit_diff.mean(-1))
 
 
+def test_circle_edits_are_engine_writes():
+    """Each intervention method is one engine ``Write`` (interpkit.engine.inside), whose new fields do what
+    the methods need: rows of a value table (``take``), sources at other positions (``src_pos``) and a
+    replaced subspace component (``basis``); the final residual is the ``final_in`` site."""
+    from analyses.circles import circle_writes
+    from interpkit.engine.inside import FINAL_IN, Write, apply_write, fill_write
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 8, generator=g)
+    table = torch.randn(3, 8, generator=g)
+    V = torch.linalg.qr(torch.randn(8, 2, generator=g))[0]
+    rows, pos, src, spos, take = (torch.tensor(v) for v in ([3, 4], [1, 2], [0, 1], [4, 0], [2, 0]))
+    for w, expect in ((Write("resid_pre", 0, rows, pos=pos, value=table, take=take), table[take]),
+                      (Write("resid_pre", 0, rows, pos=pos, src=src, src_pos=spos), x[src, spos]),
+                      (Write("resid_pre", 0, rows, pos=pos, src=src, src_pos=spos, basis=V),
+                       x[rows, pos] + ((x[src, spos] - x[rows, pos]) @ V) @ V.T),
+                      (Write("resid_pre", 0, rows, pos=pos, value=table[0]), table[0].expand(2, -1))):
+        y = x.clone()
+        apply_write(y, w)
+        assert torch.equal(y[rows, pos], expect)
+        keep = torch.ones(6, 5, dtype=torch.bool)
+        keep[rows, pos] = False
+        assert torch.equal(y[keep], x[keep])
+    rec = fill_write(Write("resid_pre", 0, rows, pos=pos, src=src, record=0, src_pos=spos, basis=V), [x], 0)
+    assert torch.equal(rec.value, x[src, spos]) and rec.basis is V and rec.src is None
+
+    lm = calendar_lm()
+    L = lm.arch.n_layers
+    fit = fit_circle(torch.randn(14, L + 1, lm.arch.d_model, generator=g), torch.arange(14) % 7, 7)
+    part = [(layer, m, 0, 3, 5) for layer in (L, 0) for m in ("mean", "pca", "layer", "circle")]
+    writes = circle_writes(part, 14, torch.arange(14), fit, L)
+    assert [(w.site, w.layer) for w in writes] == [("resid_pre", 0)] * 4 + [(FINAL_IN, L)] * 4
+    circle, layer, pca_, mean = writes[4:]
+    assert torch.equal(circle.value[circle.take], fit.circle_points(L)[[3]].float())
+    assert torch.equal(layer.src, torch.tensor([5])) and torch.equal(layer.src_pos, torch.tensor([5]))
+    assert torch.equal(pca_.basis, fit.V[L].float()) and torch.equal(mean.value, fit.mean[L].float())
+    assert torch.equal(mean.rows, torch.tensor([14])) and torch.equal(circle.rows, torch.tensor([14 + 3]))
+    assert torch.equal(mean.pos, torch.tensor([0]))                            # problem 0's role position
+
+
 def test_result_tables_and_plots(tmp_path):
     from tasks import get_task
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from interpkit.errors import UserError
-from interpkit.training import (TrainConfig, _token_maps, evaluate, make_batch, random_position_ids,
+from interpkit.training import (TrainConfig, token_maps, evaluate, make_batch, random_position_ids,
                                 skipped_layers, step_length, train)
 from tasks.permutations import build_tokenizer, data_command, load_topic_mapping, sample_stories, symmetric_group
 
@@ -81,7 +81,7 @@ def test_data_cli_topic(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------------------------------
 def test_supervisions_and_batches(tmp_path):
     tok = build_tokenizer(3)
-    maps = _token_maps(tok, 3)
+    maps = token_maps(tok, 3)
     f = tmp_path / "mapping.json"
     f.write_text(json.dumps(np.eye(6)[[1, 3]].tolist()))
     ids, labels = make_batch(tiny(supervision="next_token", topic_mapping=str(f)), 0, maps, 6)
@@ -239,14 +239,14 @@ def test_scratchpad_layout_is_next_token_prediction_of_the_states():
 
 def test_scratchpad_generation_matches_text_fed_back_by_hand():
     """``evaluate(scratchpad=True)`` feeds greedy states back; redo it from story text through the tokenizer."""
-    from interpkit.training import _state_logits, build_model
+    from interpkit.training import state_logits, build_model
 
     cfg = tiny(supervision="scratchpad", arch="mistral", window=2, bos=True)
     model, tok = build_model(cfg)
     model.eval()
     g = symmetric_group(3)
     st = sample_stories(4, 5, 3, seed=5)
-    logits = _state_logits(model, tok, st.actions, 3, scratchpad=True)
+    logits = state_logits(model, tok, st.actions, 3, scratchpad=True)
     state_ids = torch.tensor([tok.convert_tokens_to_ids(s) for s in g.strings])
     for i in range(4):
         text = g.strings[0]

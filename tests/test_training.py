@@ -36,8 +36,8 @@ def test_schedule_and_curriculum():
 
 def test_batches_depend_only_on_seed_and_step():
     tok = build_tokenizer(3)
-    from interpkit.training import _token_maps
-    maps = _token_maps(tok, 3)
+    from interpkit.training import token_maps
+    maps = token_maps(tok, 3)
     cfg = tiny(None)
     a, b = make_batch(cfg, 5, maps), make_batch(cfg, 5, maps)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

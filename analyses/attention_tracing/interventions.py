@@ -12,7 +12,9 @@ This edits one head even under grouped-query attention, where writing the shared
 input) would also change the other heads of the group, and it is the same code for every family. It
 equals writing delta W_Q / delta W_K into the model's own query / key tensors (checked in the tests,
 to 1e-5 in attention). Many edits run as rows of one batch (one edit per row) and the changes travel
-as sparse (index, value) lists, so a remote request stays small.
+as sparse (index, value) lists, so a remote request stays small. Each batch is a forward of the sweep
+engine (``interpkit.engine``): one ``ScoreAdd`` write per edited layer, a readout of the logit
+difference and the edited layers' attention patterns; remotely every batch goes in one request.
 
 What is removed:
 - ``edge``: the upstream component's output (normalised for the downstream layer) projected onto the
@@ -31,7 +33,8 @@ import torch
 
 from analyses.attention_tracing.decompose import collect, decompose, load_weights
 from analyses.attention_tracing.signals import edge_signal, raw_scores
-from interpkit.metrics import logit_diff
+from interpkit.engine.inside import ATTN_PATTERN, Forward, Readout, ScoreAdd
+from interpkit.engine.run import run_forwards
 from interpkit.progress import stage
 
 
@@ -80,45 +83,22 @@ def score_change(omega, dec, e: Edit) -> torch.Tensor:
     return change
 
 
-def run_score_edits(model, inputs: dict, edits: dict, layers: list[int], n_heads: int, answer, wrong,
-                    remote=False):
-    """One forward adding score changes to the attention mask of the listed layers; returns
-    (patterns of those layers, logit differences). ``edits[l]`` = (index [n, 4] of (row, head, dest, src),
-    values [n]): sparse, so a remote request carries a few numbers per edit, not [B, H, T, T] tensors.
-    Runs unchanged locally and remotely (torch only inside).
-    """
-    with model.trace(inputs, remote=remote):
-        patterns = list().save()
-        for layer in layers:
-            op = model.layers[layer].attn.source.attention_interface_1
-            args, kwargs = op.inputs
-            mask = args[4]
-            idx, val = edits[layer]
-            idx = idx.to(mask.device)
-            add = torch.zeros(mask.shape[0], n_heads, mask.shape[2], mask.shape[3], dtype=mask.dtype,
-                              device=mask.device)
-            add[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = val.to(device=mask.device, dtype=mask.dtype)
-            op.inputs = ((*args[:4], mask + add, *args[5:]), kwargs)
-            patterns.append(model.layers[layer].attn.output[1].detach().cpu())
-        logits = model.output.logits[:, -1]
-        values = logit_diff(logits.float(), answer, wrong).detach().cpu().save()
-    return patterns, values
-
-
 def apply_edits(lm, omega, prompts, edits: list[Edit], max_rows: int = 64, decs: dict | None = None):
-    """Run edits (one per row, plus one unedited row per prompt); a DataFrame row per edit."""
+    """Run edits (one per row, plus one unedited row per prompt); a DataFrame row per edit. Each batch
+    of rows is one engine ``Forward`` (``edit_forward``): locally run one by one, remotely all in one
+    request."""
     import pandas as pd
 
     by_prompt: dict[int, list[Edit]] = {}
     for e in edits:
         by_prompt.setdefault(e.prompt, []).append(e)
     decs = decompose_prompts(lm, omega, prompts, sorted(by_prompt), decs)
+    plans = [edit_forward(lm, omega, prompts, chunk, decs) for chunk in _chunks(by_prompt, max_rows)]
+    with stage("edge interventions", len(plans), "forwards") as bar:
+        outs = run_forwards(lm.model, [plan.forward for plan in plans], lm.remote, bar)
     rows = []
-    chunks = list(_chunks(by_prompt, max_rows))
-    with stage("edge interventions", len(chunks), "forwards") as bar:
-        for chunk in chunks:
-            rows += _run_chunk(lm, omega, prompts, chunk, decs)
-            bar.advance()
+    for plan, out in zip(plans, outs):
+        rows += _edit_rows(plan, out, decs)
     return pd.DataFrame(rows)
 
 
@@ -150,7 +130,21 @@ def _chunks(by_prompt: dict, max_rows: int):
         yield chunk
 
 
-def _run_chunk(lm, omega, prompts, chunk, decs) -> list[dict]:
+@dataclass
+class EditForward:
+    """One batch of edit rows as an engine forward: row r edits ``row_edit[r]`` (None: the unedited row
+    of prompt ``row_prompt[r]``); the attention patterns of ``layers`` are recorded."""
+
+    forward: Forward
+    row_prompt: list[int]
+    row_edit: list
+    layers: list[int]
+    T: int
+
+
+def edit_forward(lm, omega, prompts, chunk, decs) -> EditForward:
+    """The engine forward of one chunk ([(prompt id, edits)]): per edited layer one ``ScoreAdd`` (every
+    row's score changes, sparse), the readout the logit difference and the edited layers' patterns."""
     pids = [pid for pid, _ in chunk]
     sub = prompts.subset(pids)
     T = sub.input_ids.shape[1]
@@ -158,7 +152,6 @@ def _run_chunk(lm, omega, prompts, chunk, decs) -> list[dict]:
     for i, (pid, es) in enumerate(chunk):
         row_prompt += [i] * (len(es) + 1)
         row_edit += [None] + es
-    H = lm.arch.n_heads
     layers = sorted({e.layer for e in row_edit if e is not None})
     parts: dict[int, list] = {l: [] for l in layers}
     for r, e in enumerate(row_edit):
@@ -170,29 +163,33 @@ def _run_chunk(lm, omega, prompts, chunk, decs) -> list[dict]:
         off = T - dec.n
         index = torch.cat([torch.full((len(nz), 1), r), torch.full((len(nz), 1), e.head), nz + off], dim=1)
         parts[e.layer].append((index, change[nz[:, 0], nz[:, 1]].float()))
-    edits = {l: (torch.cat([i for i, _ in ps]), torch.cat([v for _, v in ps])) for l, ps in parts.items()}
+    writes = [ScoreAdd(l, torch.cat([i for i, _ in parts[l]]), torch.cat([v for _, v in parts[l]])) for l in layers]
     idx = torch.tensor(row_prompt)
     inputs = {"input_ids": sub.input_ids[idx], "attention_mask": sub.attention_mask[idx]}
     wrong = sub.wrong_ids if sub.wrong_ids is not None else torch.full_like(sub.answer_ids, -1)
-    with torch.no_grad():
-        pats, ld = run_score_edits(lm.model, inputs, edits, layers, H, sub.answer_ids[idx], wrong[idx],
-                                   remote=lm.remote)
-    pats = dict(zip(layers, list(pats)))
-    out, base_row = [], {}
-    for r, e in enumerate(row_edit):
+    readout = Readout("logit_diff", sub.answer_ids[idx], wrong[idx], records=[(ATTN_PATTERN, l) for l in layers],
+                      keep=0)                                      # every position's logits, as before
+    return EditForward(Forward(inputs, readout, writes, n_heads=lm.arch.n_heads), row_prompt, row_edit, layers, T)
+
+
+def _edit_rows(plan: EditForward, out: tuple, decs) -> list[dict]:
+    """The result rows of one ``EditForward`` from its (logit differences, answers, patterns)."""
+    ld, pats = torch.as_tensor(out[0]), dict(zip(plan.layers, [torch.as_tensor(p) for p in out[2]]))
+    rows, base_row = [], {}
+    for r, e in enumerate(plan.row_edit):
         if e is None:
-            base_row[row_prompt[r]] = r
+            base_row[plan.row_prompt[r]] = r
             continue
-        b = base_row[row_prompt[r]]
-        off = T - decs[e.prompt].n
+        b = base_row[plan.row_prompt[r]]
+        off = plan.T - decs[e.prompt].n
         a_new = float(pats[e.layer][r, e.head, e.dest + off, e.src + off])
         a_old = float(pats[e.layer][b, e.head, e.dest + off, e.src + off])
         ld0, ld1 = float(ld[b]), float(ld[r])
-        out.append(dict(prompt=e.prompt, layer=e.layer, head=e.head, dest=e.dest, src=e.src, side=e.side,
-                        **e.info, attn=a_old, attn_edited=a_new, d_attn=a_new - a_old, logit_diff=ld0,
-                        logit_diff_edited=ld1, d_logit_diff=ld1 - ld0,
-                        rel_logit_diff=(ld1 - ld0) / abs(ld0) if ld0 else float("nan")))
-    return out
+        rows.append(dict(prompt=e.prompt, layer=e.layer, head=e.head, dest=e.dest, src=e.src, side=e.side,
+                         **e.info, attn=a_old, attn_edited=a_new, d_attn=a_new - a_old, logit_diff=ld0,
+                         logit_diff_edited=ld1, d_logit_diff=ld1 - ld0,
+                         rel_logit_diff=(ld1 - ld0) / abs(ld0) if ld0 else float("nan")))
+    return rows
 
 
 # -- building edits -------------------------------------------------------------------------------

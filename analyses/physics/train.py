@@ -1,7 +1,7 @@
 """Train small GPT-2s from scratch on the synthetic Physics-of-LMs data (CFG strings, iGSM problems).
 
 The permutation trainer of ``interpkit.training`` is specific to state tracking, so the loop is here,
-but its checkpoint format is reused (``save_checkpoint`` / ``_load_checkpoint`` / ``export_model``):
+but its checkpoint format is reused (``save_checkpoint`` / ``load_checkpoint`` / ``export_model``):
 ``checkpoint-<step>/`` holds the model, tokenizer, AdamW moments and RNG state, so a killed run resumes
 where it stopped with the same batches (the batch of step k depends only on (seed, k)). Plain next-token
 loss; for iGSM only the solution is supervised. The final model goes to ``output_dir`` with recipe.json.
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
-from interpkit.training import _load_checkpoint, export_model, latest_checkpoint, save_checkpoint
+from interpkit.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
 
 TASKS = ("cfg", "igsm")
 
@@ -134,7 +134,7 @@ def train(cfg: PhysicsTrainConfig, *, resume: bool = True, stop_at: int | None =
     factory = _optimizer_factory(cfg)
     ckpt = latest_checkpoint(cfg.output_dir) if (resume and cfg.output_dir) else None
     if ckpt is not None:
-        model, _tok, opt, meta = _load_checkpoint(ckpt, factory)
+        model, _tok, opt, meta = load_checkpoint(ckpt, factory)
         free = ("progress", "log_every", "save_every", "output_dir", "threads")
         if PhysicsTrainConfig.from_dict({**asdict(cfg), **{k: meta["config"][k] for k in free}}) != \
                 PhysicsTrainConfig.from_dict(meta["config"]):

@@ -10,10 +10,13 @@ A sweep is made of forwards of three kinds:
   position p0 and layer l0 on, on top of the reference run's cache, layers < l0 skipped (their output is
   the reference's residual stream), writes filled from the reference's recorded activations.
 
-Every edit of an activation is a ``Write`` applied by ``apply_write`` (the engine's one row copy); the
-embedding output can be corrupted per row (``Noise``, ``corrupt``); what a forward reports is a
-``Readout``. The records are dataclasses without a generated ``__repr__``: they travel to NDIF by value,
-and a generated ``__repr__`` imports ``_thread``, which NDIF refuses.
+Every edit of an activation is a ``Write`` applied by ``apply_write`` (the engine's one row copy; it
+can also take its fill from other positions, from rows of a table of values, or replace only the
+component in a subspace); an edit of single heads' attention scores is a ``ScoreAdd``; the embedding
+output can be corrupted per row (``Noise``, ``corrupt``); what a forward reports is a ``Readout`` (a
+metric, or candidate logits, and optionally activations at some sites). The records are dataclasses
+without a generated ``__repr__``: they travel to NDIF by value, and a generated ``__repr__`` imports
+``_thread``, which NDIF refuses.
 """
 from __future__ import annotations
 
@@ -23,13 +26,23 @@ import torch
 
 from interpkit.kv_cache import layer_kv, positions, prefix_cache
 from interpkit.metrics import kept_logits, score, sequence_prob
-from interpkit.sites import site
+from interpkit.sites import attention_pattern, site
 
 UNEMBED_IN = "unembed_in"
+FINAL_IN = "final_in"
+"""Site: the final norm's input (the residual stream after the last layer: ``resid_pre`` of layer
+n_layers); writes and records there pass ``layer`` = n_layers."""
+ATTN_SCORES = "attn_scores"
+"""Site of a ``ScoreAdd``: the pre-softmax attention scores (the attention function's additive mask)."""
+ATTN_PATTERN = "attn_pattern"
+"""Site to record: the post-softmax attention [batch, head, dest, src] (``interpkit.sites.attention_pattern``)."""
 ANSWER_PROB = "answer_prob"
 """Readout metric: the teacher-forced probability of one answer shared by every row (``sequence_prob``)."""
-SITE_ORDER = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
-"""Forward order of the sites within a layer (``unembed_in`` comes after every layer)."""
+LOGITS = "logits"
+"""Readout "metric": the last position's logits of the ``candidates`` ids, [rows, k] in float."""
+SITE_ORDER = {"resid_pre": 0, ATTN_SCORES: 0.5, "head_out": 1, "attn_out": 2, ATTN_PATTERN: 2, "mlp_out": 3,
+              "resid_post": 4}
+"""Forward order of the sites within a layer (``final_in``, then ``unembed_in``, come after every layer)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,8 +54,11 @@ class Write:
 
     Index form (``pos`` set, [n] like ``rows``): ``x[rows, pos] = fill``; mask form (``mask`` set,
     [n, T, 1] or [n, T, H, 1] bool): ``x[rows] = where(mask, fill, x[rows])``. The fill is ``value`` if
-    set; else, with ``record`` set, that recorded activation of the reference run at its rows ``src``
-    (``run_chunk`` resolves it); else rows ``src`` of the same batch; else zeros. Positions count from
+    set (index form: rows ``take`` of it when set, e.g. one of a few points per row); else, with
+    ``record`` set, that recorded activation of the reference run at its rows ``src`` (``run_chunk``
+    resolves it); else rows ``src`` of the same batch (index form: at positions ``src_pos`` when set,
+    else ``pos``); else zeros. With ``basis`` ([d, k] orthonormal columns; index form) only the
+    component in span(basis) is replaced: ``x + ((fill - x) @ basis) @ basis.T``. Positions count from
     the forward's first token."""
 
     site: str
@@ -53,6 +69,21 @@ class Write:
     src: torch.Tensor | None = None
     record: int | None = None
     value: torch.Tensor | None = None
+    src_pos: torch.Tensor | None = None
+    take: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+
+
+@dataclass(repr=False)
+class ScoreAdd:
+    """Add ``values`` [n] to the pre-softmax attention scores of layer ``layer`` at ``index`` [n, 4] =
+    (row, head, dest, src), through the attention function's additive mask (so one head changes even
+    under grouped-query attention); sparse, so a remote request carries a few numbers per edit."""
+
+    layer: int
+    index: torch.Tensor
+    values: torch.Tensor
+    site: str = ATTN_SCORES
 
 
 @dataclass(repr=False)
@@ -65,13 +96,17 @@ class Noise:
 
 @dataclass(repr=False)
 class Readout:
-    """What a forward reports per row: ``metric`` (an ``interpkit.metrics.score`` name, or
-    ``ANSWER_PROB``) read from the logits of the last positions (``kept``)."""
+    """What a forward reports per row: ``metric`` (an ``interpkit.metrics.score`` name, ``ANSWER_PROB``,
+    or ``LOGITS``) read from the logits of the last positions (``kept``; ``keep`` overrides how many
+    the model computes, 0: every position, as a plain forward); with ``records`` ((site, layer) in
+    forward order) also those activations, every row (``trace_forward``'s third result)."""
 
     metric: str
     answer: torch.Tensor           # [rows, k] per row; ANSWER_PROB: [K] for every row ([-1]: the first row's top-1)
     wrong: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
+    records: list | None = None    # [(site, layer)]
+    keep: int | None = None
 
 
 @dataclass(repr=False)
@@ -81,7 +116,7 @@ class Forward:
 
     inputs: dict
     readout: Readout
-    writes: list                   # [Write]
+    writes: list                   # [Write | ScoreAdd]
     noise: Noise | None = None
     n_heads: int = 0
     l0: int = 0
@@ -139,20 +174,30 @@ class Recorded:
     kv: list                       # per layer (keys, values), or [] without ``cache``
 
 
+def order_key(name: str, layer: int) -> tuple:
+    """Where (site, layer) comes in a forward (``final_in`` at layer n_layers, ``unembed_in`` at any)."""
+    if name == UNEMBED_IN:
+        return (layer + 1, 0)
+    return (layer, -1) if name == FINAL_IN else (layer, SITE_ORDER[name])
+
+
 def in_forward_order(records) -> list:
     """(site, layer) pairs sorted in the order a forward computes them, duplicates dropped."""
-    def key(r):
-        return (r[1] + 1, 0) if r[0] == UNEMBED_IN else (r[1], SITE_ORDER[r[0]])
-    return sorted(set(records), key=key)
+    return sorted(set(records), key=lambda r: order_key(r[0], r[1]))
 
 
 # --------------------------------------------------------------------------------------------------
 # pieces of trace bodies
 # --------------------------------------------------------------------------------------------------
 def patch_site(model, name: str, layer: int, n_heads: int = 0) -> torch.Tensor:
-    """``interpkit.sites.site`` plus ``unembed_in`` (the final norm's output; ``layer`` is ignored)."""
+    """``interpkit.sites.site`` plus ``unembed_in`` (the final norm's output; ``layer`` is ignored),
+    ``final_in`` (its input) and ``attn_pattern`` (the post-softmax attention of ``layer``)."""
     if name == UNEMBED_IN:
         return model.final_norm.output
+    if name == FINAL_IN:
+        return model.final_norm.input
+    if name == ATTN_PATTERN:
+        return attention_pattern(model, layer)
     return site(model, name, layer, n_heads)
 
 
@@ -176,11 +221,18 @@ def apply_write(x: torch.Tensor, w: Write) -> None:
     """The engine's one activation edit (``Write``): in place on the live activation ``x``."""
     if w.pos is not None:
         if w.value is not None:
-            x[w.rows, w.pos] = w.value.to(device=x.device, dtype=x.dtype)
+            fill = w.value.to(device=x.device, dtype=x.dtype)
+            if w.take is not None:
+                fill = fill[w.take.to(x.device)]
         elif w.src is not None:
-            x[w.rows, w.pos] = x[w.src, w.pos]
+            fill = x[w.src, w.pos if w.src_pos is None else w.src_pos]
         else:
-            x[w.rows, w.pos] = 0
+            fill = 0
+        if w.basis is not None:
+            V = w.basis.to(device=x.device, dtype=x.dtype)
+            old = x[w.rows, w.pos]
+            fill = old + ((fill - old) @ V) @ V.T
+        x[w.rows, w.pos] = fill
         return
     if w.value is not None:
         fill = w.value
@@ -191,21 +243,55 @@ def apply_write(x: torch.Tensor, w: Write) -> None:
     x[w.rows] = torch.where(w.mask, fill, x[w.rows])
 
 
-def apply_writes(model, writes: list, n_heads: int = 0) -> None:
-    """Every write, each at its site (``writes`` in forward order)."""
+def add_scores(model, a: ScoreAdd, n_heads: int) -> None:
+    """``ScoreAdd``: its values added to the additive attention mask of layer ``a.layer``, per head."""
+    op = model.layers[a.layer].attn.source.attention_interface_1
+    args, kwargs = op.inputs
+    mask = args[4]
+    idx = a.index.to(mask.device)
+    add = torch.zeros(mask.shape[0], n_heads, mask.shape[2], mask.shape[3], dtype=mask.dtype, device=mask.device)
+    add[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = a.values.to(device=mask.device, dtype=mask.dtype)
+    op.inputs = ((*args[:4], mask + add, *args[5:]), kwargs)
+
+
+def record(model, name: str, layer: int, n_heads: int = 0) -> torch.Tensor:
+    """A copy of the activation at (site, layer) on the cpu (later in-place writes do not reach it)."""
+    return patch_site(model, name, layer, n_heads).detach().to("cpu", copy=True)
+
+
+def apply_writes(model, writes: list, n_heads: int = 0, records: list | None = None, out: list | None = None) -> None:
+    """Every write (``Write`` or ``ScoreAdd``), each at its site (``writes`` in forward order); with
+    ``records`` ((site, layer) in forward order) those activations appended to ``out`` as the forward
+    reaches them, each after the writes at its site."""
+    records = records or []
+    i = 0
     for w in writes:
-        apply_write(patch_site(model, w.site, w.layer, n_heads), w)
+        key = order_key(w.site, w.layer)
+        while i < len(records) and order_key(records[i][0], records[i][1]) < key:
+            out.append(record(model, records[i][0], records[i][1], n_heads))
+            i += 1
+        if w.site == ATTN_SCORES:
+            add_scores(model, w, n_heads)
+        else:
+            apply_write(patch_site(model, w.site, w.layer, n_heads), w)
+    for name, layer in records[i:]:
+        out.append(record(model, name, layer, n_heads))
 
 
 def kept(r: Readout) -> int:
-    """How many last positions' logits the readout reads."""
+    """How many last positions' logits the readout reads (``logits_to_keep`` of the trace)."""
+    if r.keep is not None:
+        return r.keep
     return r.answer.shape[0] if r.metric == ANSWER_PROB else kept_logits(r.metric, r.answer)
 
 
 def read(logits: torch.Tensor, r: Readout) -> tuple:
-    """(metric per row, the answer ids scored): ANSWER_PROB resolves ``[-1]`` to the first row's top-1."""
+    """(metric per row, the answer ids scored): ANSWER_PROB resolves ``[-1]`` to the first row's top-1;
+    LOGITS gives the last position's candidate logits [rows, k]."""
     if r.metric == ANSWER_PROB:
         return sequence_prob(logits, r.answer)
+    if r.metric == LOGITS:
+        return logits[:, -1][:, r.candidates].float(), r.answer
     return score(r.metric, logits, r.answer, r.wrong, r.candidates), r.answer
 
 
@@ -213,25 +299,27 @@ def rows_readout(r: Readout, answer: torch.Tensor, rows: torch.Tensor) -> Readou
     """The readout of a suffix run's rows: per-row answers follow their reference rows; a single answer
     (``answer`` resolved by the reference run) is shared."""
     if answer.dim() == 1:
-        return Readout(r.metric, answer, r.wrong, r.candidates)
-    return Readout(r.metric, answer[rows], None if r.wrong is None else r.wrong[rows], r.candidates)
+        return Readout(r.metric, answer, r.wrong, r.candidates, r.records, r.keep)
+    return Readout(r.metric, answer[rows], None if r.wrong is None else r.wrong[rows], r.candidates, r.records, r.keep)
 
 
 # --------------------------------------------------------------------------------------------------
 # traces
 # --------------------------------------------------------------------------------------------------
 def trace_forward(model, fwd: Forward) -> tuple:
-    """One ``Forward``: noise, skipped layers, writes; (metric per row, answer ids)."""
+    """One ``Forward``: noise, skipped layers, writes; (metric per row, answer ids), plus the recorded
+    activations (a list in ``readout.records`` order) when the readout has records."""
     kw = {"past_key_values": fwd.cache, "use_cache": True} if fwd.cache is not None else {}
     with model.trace(fwd.inputs, logits_to_keep=kept(fwd.readout), **kw):
         apply_noise(model, fwd.noise)
         for layer in range(fwd.l0):
             model.layers[layer].skip(fwd.start)
-        apply_writes(model, fwd.writes, fwd.n_heads)
+        acts = list().save() if fwd.readout.records else None
+        apply_writes(model, fwd.writes, fwd.n_heads, fwd.readout.records, acts)
         values, answer = read(model.output.logits, fwd.readout)
         values = values.detach().cpu().save()
         answer = answer.detach().cpu().save()
-    return values, answer
+    return (values, answer, acts) if fwd.readout.records else (values, answer)
 
 
 def trace_reference(model, ref: Reference, n_layers: int, n_heads: int, keep: bool) -> Recorded:
@@ -263,8 +351,9 @@ def fill_write(w: Write, acts: list, p0: int) -> Write:
     if w.record is None:
         return w
     rec = acts[w.record]
-    value = rec[w.src, w.pos + p0] if w.pos is not None else rec[w.src, p0:]
-    return Write(w.site, w.layer, w.rows, w.pos, w.mask, None, None, value)
+    at = w.pos if w.src_pos is None else w.src_pos
+    value = rec[w.src, at + p0] if w.pos is not None else rec[w.src, p0:]
+    return Write(w.site, w.layer, w.rows, w.pos, w.mask, None, None, value, None, None, w.basis)
 
 
 def run_chunk(model, sweep: Sweep, base: Recorded, source: Recorded, job: Suffix) -> torch.Tensor:

@@ -53,18 +53,27 @@ def run_session(model, fn, jobs: list, remote) -> list:
     return outs
 
 
-def run_traces(model, fn, jobs: list, remote=False) -> list:
+def run_traces(model, fn, jobs: list, remote=False, progress=None) -> list:
     """``fn(model, *job)`` for every job: one by one without gradients locally, one session (one
-    request) remotely."""
+    request) remotely. ``progress`` (an ``interpkit.progress.Stage``) advances once per job (remotely:
+    all at once when the session returns)."""
     if remote:
-        return run_session(model, fn, jobs, remote)
+        outs = run_session(model, fn, jobs, remote)
+        if progress is not None:
+            progress.advance(len(jobs))
+        return outs
+    outs = []
     with torch.no_grad():
-        return [fn(model, *job) for job in jobs]
+        for job in jobs:
+            outs.append(fn(model, *job))
+            if progress is not None:
+                progress.advance()
+    return outs
 
 
-def run_forwards(model, forwards: list[Forward], remote=False) -> list[tuple]:
-    """``trace_forward`` of every forward: (metric per row, answer ids) each."""
-    return run_traces(model, trace_forward, [(f,) for f in forwards], remote)
+def run_forwards(model, forwards: list[Forward], remote=False, progress=None) -> list[tuple]:
+    """``trace_forward`` of every forward: (metric per row, answer ids[, recorded activations]) each."""
+    return run_traces(model, trace_forward, [(f,) for f in forwards], remote, progress)
 
 
 @dataclass
