@@ -6,6 +6,7 @@ Bad input raises ``UserError``; ``main`` prints it as one line and exits with co
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -236,10 +237,10 @@ def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | 
             max_prompts: int = typer.Option(16, help="sweep/control: traced prompts used.")) -> None:
     """Circuits from traced graphs: unify, intervene, prune, compare (P/R/F1 bars), threshold sweep,
     sparse attention decomposition, control signals."""
-    from analyses.attention_tracing.commands import circuit_command
+    from analyses.attention_tracing.commands import ACTIONS, circuit_command
     from interpkit import validate as V
 
-    V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency)
+    V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency, actions=ACTIONS)
     ths = None if thresholds is None else [float(x) for x in _float_list(thresholds)]
     circuit_command(action, run, remote=remote, what=what, min_prompts=min_prompts, min_effect=min_effect,
                     min_frequency=min_frequency, reference=reference, include_mlp=include_mlp, thresholds=ths,
@@ -282,11 +283,12 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                                               "instead of adding noise (alone: by another subject's)."),
                  fact_file: str = typer.Option(None, help="Facts in the known_1000.json format (default: known_1000).")) -> None:
     """ROME causal tracing: which hidden states, MLPs and attention layers carry a fact (resumable)."""
-    from analyses.causal_tracing import causal_trace_command
+    from analyses.causal_tracing import TraceConfig, causal_trace_command
     from interpkit import validate as V
     from interpkit.store import remote_scope
 
-    V.causal_trace_options(model, facts, noise, config, samples, window, seed, max_rows, run_id, root)
+    V.causal_trace_options(model, facts, noise, config, samples, window, seed, max_rows, run_id, root,
+                           config_cls=TraceConfig)
     with remote_scope(remote):                     # the run store records the run as remote (and where)
         causal_trace_command(model, facts=facts, kind=kind, severed=severed, noise=noise, config=config,
                              remote=remote, task=dataset or task, samples=samples, window=window, seed=seed,
@@ -441,24 +443,28 @@ def vprobe(model: str = typer.Option(..., help="A local model (the probe trains 
 
 
 # -- everyday tools (issue 16): cache, logit-lens, dla, attention, steer; bodies in analyses/tools/command.py --
-_MODEL_HELP = "Hub id, local dir, smollm2-135m or tiny:<family>."
-_DTYPE_HELP = "float32 | bfloat16 | float16 (default: the model's own)."
+# The options every tool shares, declared once (Typer reads the option from the ``Annotated`` metadata).
+ToolModel = Annotated[str, typer.Option(help="Hub id, local dir, smollm2-135m or tiny:<family>.")]
+ToolDataset = Annotated[str, typer.Option(help="Your prompts: a .jsonl or .csv file.")]
+ToolPrompt = Annotated[list[str], typer.Option(help="A prompt (repeatable).")]
+ToolDtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (default: the model's own).")]
+ToolDevice = Annotated[str, typer.Option(help="e.g. cpu, cuda:0.")]
+ToolOut = Annotated[str, typer.Option("--out", "--root", help="Where runs go.")]
+ToolRunId = Annotated[str, typer.Option(help="Run directory name (default: derived from the options).")]
 
 
 @app.command("cache")
-def cache_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+def cache_cmd(model: ToolModel,
               sites: str = typer.Option("resid_pre", help="Comma-separated: resid_pre, resid_post, attn_out, mlp_out, "
                                                           "head_out, pattern, q, k, v."),
               layers: str = typer.Option(None, help="Layers, e.g. 0,5 (default all)."),
-              task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."),
-              dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
-              prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+              task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."), dataset: ToolDataset = None,
+              prompt: ToolPrompt = None,
               n: int = typer.Option(8, help="Prompts from the task/dataset."), seed: int = typer.Option(0),
               max_gb: float = typer.Option(4.0, help="Refuse when the cache estimate exceeds this (GiB)."),
               remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
-              dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None, help="e.g. cpu, cuda:0."),
-              out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
-              run_id: str = typer.Option(None)) -> None:
+              dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
+              run_id: ToolRunId = None) -> None:
     """Activation cache of any uniform sites for a batch in one trace, written to HDF5."""
     from analyses.tools.command import cache_command
 
@@ -468,16 +474,13 @@ def cache_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
 
 
 @app.command("logit-lens")
-def logit_lens_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
-                   task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."),
-                   dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
-                   prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+def logit_lens_cmd(model: ToolModel, task: str = typer.Option(None, help="A task (ioi, gt, gp, ...)."),
+                   dataset: ToolDataset = None, prompt: ToolPrompt = None,
                    n: int = typer.Option(16), seed: int = typer.Option(0),
                    top_k: int = typer.Option(5, help="Top tokens per layer and position."),
                    remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
-                   dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
-                   out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
-                   run_id: str = typer.Option(None)) -> None:
+                   dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
+                   run_id: ToolRunId = None) -> None:
     """Logit lens: final norm + unembedding on the residual at every layer; answer rank/probability per layer."""
     from analyses.tools.command import logit_lens_command
 
@@ -486,15 +489,13 @@ def logit_lens_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
 
 
 @app.command("dla")
-def dla_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
-            task: str = typer.Option(None, help="A task with answers (ioi, gt, gp, ...)."),
+def dla_cmd(model: ToolModel, task: str = typer.Option(None, help="A task with answers (ioi, gt, gp, ...)."),
             dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file with answers."),
             n: int = typer.Option(16), seed: int = typer.Option(0), top: int = typer.Option(10),
             by_source: bool = typer.Option(False, help="Also split each head by source position."),
             remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
-            dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
-            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
-            run_id: str = typer.Option(None)) -> None:
+            dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
+            run_id: ToolRunId = None) -> None:
     """Direct logit attribution of the logit difference to embedding, heads and MLPs (final-norm scale frozen)."""
     from analyses.tools.command import dla_command
 
@@ -503,10 +504,8 @@ def dla_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
 
 
 @app.command("attention")
-def attention_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
-                  task: str = typer.Option(None, help="A task (ioi, gt, gp, permutations, ...)."),
-                  dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file."),
-                  prompt: list[str] = typer.Option(None, help="A prompt (repeatable)."),
+def attention_cmd(model: ToolModel, task: str = typer.Option(None, help="A task (ioi, gt, gp, permutations, ...)."),
+                  dataset: ToolDataset = None, prompt: ToolPrompt = None,
                   n: int = typer.Option(16), seed: int = typer.Option(0),
                   roles: str = typer.Option(None, help="dest:src role pairs, e.g. end:IO,S2:S1."),
                   dest: str = typer.Option(None, help="Show where this role (e.g. end) attends, per layer."),
@@ -516,9 +515,8 @@ def attention_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
                   n_tokens: int = typer.Option(20, help="Detector: length of the repeated random sequence."),
                   threshold: float = typer.Option(0.4, help="Detector: flag heads scoring above this."),
                   remote: bool = typer.Option(False, help="Run on NDIF (all parts in one request)."),
-                  dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
-                  out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
-                  run_id: str = typer.Option(None)) -> None:
+                  dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
+                  run_id: ToolRunId = None) -> None:
     """Attention patterns per head, role-to-role attention, and head detectors."""
     from analyses.tools.command import attention_command
 
@@ -528,7 +526,7 @@ def attention_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
 
 
 @app.command("steer")
-def steer_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
+def steer_cmd(model: ToolModel,
               layer: int = typer.Option(..., help="Layer whose output gets the vector."),
               positive: list[str] = typer.Option(None, help="A positive prompt (repeatable)."),
               negative: list[str] = typer.Option(None, help="A negative prompt (repeatable)."),
@@ -540,9 +538,8 @@ def steer_cmd(model: str = typer.Option(..., help=_MODEL_HELP),
               pos_word: str = typer.Option(None, help="Sweep metric: log p(pos_word) - log p(neg_word)."),
               neg_word: str = typer.Option(None),
               remote: bool = typer.Option(False, help="Run on NDIF (the whole sweep is one request)."),
-              dtype: str = typer.Option(None, help=_DTYPE_HELP), device: str = typer.Option(None),
-              out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go."),
-              run_id: str = typer.Option(None)) -> None:
+              dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
+              run_id: ToolRunId = None) -> None:
     """Steering by contrastive activation addition, generated side by side with the unsteered text."""
     from analyses.tools.command import steer_command
 

@@ -65,7 +65,7 @@ def token_groups(n_tokens: int, subject_first: int, subject_last: int) -> dict[s
             "further": list(range(b + 2, last)), "last": [last]}
 
 
-def position_labels(n_tokens: int, subject_first: int, subject_last: int) -> list[str]:
+def position_groups(n_tokens: int, subject_first: int, subject_last: int) -> list[str]:
     """One group name per position (the subject's last token wins for one-token subjects)."""
     labels = ["before_subject"] * n_tokens
     for g, pos in token_groups(n_tokens, subject_first, subject_last).items():

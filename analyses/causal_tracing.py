@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.causal_facts import (GROUP_LABELS, GROUPS, Fact, answer_fact, facts_of, position_labels,
+from analyses.causal_facts import (GROUP_LABELS, GROUPS, Fact, answer_fact, facts_of, position_groups,
                                    subject_batches, subject_mask, token_groups)
 from analyses.causal_noise import MODEL_RULES, build_noise_model
 from analyses.causal_tracing_prefix import (SITE_NAMES, FactJob, FactScores, noise_bank, restoration_writes,
@@ -197,7 +197,7 @@ class FactTrace:
     def to_dataframe(self):
         import pandas as pd
 
-        labels = position_labels(len(self.tokens), self.subject_first, self.subject_last)
+        labels = position_groups(len(self.tokens), self.subject_first, self.subject_last)
         K, T, L = self.scores.shape
         return pd.DataFrame([{"fact": self.key, "kind": self.kinds[k], "position": t, "token": self.tokens[t],
                               "group": labels[t], "layer": l, "score": float(self.scores[k, t, l]),
@@ -416,19 +416,9 @@ def load_config(path: str | None, **overrides) -> TraceConfig:
     """TraceConfig from a YAML file (keys = field names) with non-None ``overrides`` on top."""
     from dataclasses import fields
 
-    values: dict = {}
-    if path:
-        import yaml
+    from interpkit.validate import yaml_mapping
 
-        try:
-            with open(path) as fh:
-                values = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise UserError(f"cannot read --config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config {path} must be a mapping of option: value")
+    values = yaml_mapping("--config", path) if path else {}
     names = {f.name for f in fields(TraceConfig)}
     unknown = sorted(set(values) - names)
     if unknown:

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from analyses.causal_facts import GROUP_LABELS, GROUPS  # noqa: E402
-from interpkit.plots import finish  # noqa: E402
+from analyses.causal_facts import GROUP_LABELS, GROUPS
+from interpkit.plots import finish, pyplot
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "severed_mlp": "Blues", "severed_attn": "Oranges"}
 TITLES = {"hidden": "single hidden state", "mlp": "MLP window", "attn": "attention window",
@@ -23,7 +19,7 @@ def plot_heatmaps(result, out_dir) -> list[Path]:
     """One panel per kind: AIE of restoring at (token group, layer), as in ROME's average figure."""
     agg = result.aggregate()
     K = len(result.kinds)
-    fig, axes = plt.subplots(1, K, figsize=(3.6 * K, 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, K, figsize=(3.6 * K, 3.2), squeeze=False)
     for ki, kind in enumerate(result.kinds):
         ax = axes[0, ki]
         im = ax.imshow(agg["aie"][ki].numpy(), aspect="auto", cmap=CMAPS.get(kind, "viridis"), vmin=0)
@@ -43,7 +39,7 @@ def plot_lines(result, out_dir) -> list[Path]:
     comparison at the last subject token when severed kinds were traced."""
     agg = result.aggregate()
     K = len(result.kinds)
-    fig, axes = plt.subplots(1, K, figsize=(3.6 * K, 3.0), squeeze=False, sharey=True)
+    fig, axes = pyplot().subplots(1, K, figsize=(3.6 * K, 3.0), squeeze=False, sharey=True)
     layers = range(agg["aie"].shape[-1])
     for ki, kind in enumerate(result.kinds):
         ax = axes[0, ki]
@@ -57,10 +53,8 @@ def plot_lines(result, out_dir) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].set_ylabel("AIE")
     axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
     paths = [Path(out_dir) / "causal_trace_lines.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    finish(fig, paths[0])
     if "hidden" in result.kinds and any(k in result.kinds for k in ("severed_mlp", "severed_attn")):
         paths.append(_plot_severed(result, agg, Path(out_dir) / "causal_trace_severed.png"))
     return paths
@@ -68,7 +62,7 @@ def plot_lines(result, out_dir) -> list[Path]:
 
 def _plot_severed(result, agg, path: Path) -> Path:
     g = GROUPS.index("last_subject")
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = pyplot().subplots(figsize=(5, 3))
     layers = range(agg["aie"].shape[-1])
     for kind in ("hidden", "severed_attn", "severed_mlp"):
         if kind in result.kinds:
@@ -87,7 +81,7 @@ def plot_fact(trace, path) -> Path:
     """One fact: restored probability at every (token, layer), one panel per kind (ROME's single-fact figure)."""
     K = len(trace.kinds)
     T = len(trace.tokens)
-    fig, axes = plt.subplots(1, K, figsize=(3.2 * K, 0.3 * T + 1.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, K, figsize=(3.2 * K, 0.3 * T + 1.5), squeeze=False)
     labels = [t + ("*" if trace.subject_first <= i <= trace.subject_last else "") for i, t in enumerate(trace.tokens)]
     for ki, kind in enumerate(trace.kinds):
         ax = axes[0, ki]

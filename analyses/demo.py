@@ -16,7 +16,7 @@ import torch
 
 from analyses.state_tracking import measure_signature
 from interpkit.models import load_model
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 from interpkit.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,11 +87,7 @@ def run_demo(out: str | Path = "artifacts/demo", *, retrain: bool = False, n_pro
 
 
 def _heatmap(effect: torch.Tensor, layers: list[int], cells: list[int], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = pyplot().subplots(figsize=(7, 3))
     im = ax.imshow(effect.numpy(), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
     ax.set_xlabel("last patched position (prefix 0..t)")
     ax.set_ylabel("layer")

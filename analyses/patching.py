@@ -361,7 +361,7 @@ def _chunk_inputs(base: dict, source: dict, n_cells: int) -> dict:
 
 
 # -- labels and figures -----------------------------------------------------------------------------
-def position_labels(prompts, tokenizer=None) -> list[str]:
+def heatmap_labels(prompts, tokenizer=None) -> list[str]:
     """One heatmap label per padded position: the token (the first prompt's, marked ``*`` when prompts
     differ there) and, when most prompts give the position a role, the role (first in ``prompts.roles``
     order, so principal roles like "S2" win over neighbours like "S1+1")."""
@@ -397,14 +397,11 @@ def role_effect(result: PatchResult, prompts, roles: list[str] | None = None):
 def plot_patching(result: PatchResult, labels: list[str], path, matrix: torch.Tensor | None = None,
                   title: str | None = None) -> str:
     """Heatmap (layers x cells) of the mean normalised effect, or of ``matrix``; written to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from interpkit.plots import pyplot, save_cropped
 
     m = (result.effect() if matrix is None else matrix).float()
     lim = float(m.nan_to_num().abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(labels) + 2.5), max(2.5, 0.3 * len(result.layers) + 1.6)))
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.32 * len(labels) + 2.5), max(2.5, 0.3 * len(result.layers) + 1.6)))
     im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(result.layers)), [str(l) for l in result.layers], fontsize=7)
@@ -412,6 +409,4 @@ def plot_patching(result: PatchResult, labels: list[str], path, matrix: torch.Te
     cfg = result.config
     ax.set_title(title or f"{result.method} patching, {cfg.site}, {cfg.direction}", fontsize=9)
     fig.colorbar(im, ax=ax, label="normalised effect (0 = base run, 1 = source run)")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
+    return save_cropped(fig, path)

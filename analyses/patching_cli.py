@@ -2,7 +2,8 @@
 
 cli.py parses options and calls ``patch_command``; everything here is plain Python so it is tested
 without Typer. Chunks are written to the run store as they finish, so rerunning the same command after
-an interruption resumes; the assembled result goes to ``<run dir>/result.h5`` and heatmaps next to it.
+an interruption resumes; the assembled result of each method goes into the same ``<run dir>/results.h5``
+(group ``result/<method>``, ``RunStore.write_result``) and heatmaps next to it.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import time
 import torch
 
 from analyses.attribution import agreement, run_attribution
-from analyses.patching import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, plan_patching, plot_patching,
-                               position_labels, role_effect, run_patching)
+from analyses.patching import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, heatmap_labels, plan_patching,
+                               plot_patching, role_effect, run_patching)
 from interpkit.errors import UserError
 
 SITE_ALIASES = {"resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out", "head": "head_out"}
@@ -57,7 +58,7 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     prompts = builder(lm.tokenizer, n=n, seed=seed)
     store = RunStore("patching", {"task": task, "n": n, "method": method, **vars(cfg)}, model=model, seed=seed,
                      root=root, run_id=run_id, remote=remote)
-    _check_result_file(store)
+    (store.dir / "result.h5").unlink(missing_ok=True)      # the separate copy earlier versions wrote
     echo(f"patching {task} ({len(prompts)} pairs, {prompts.input_ids.shape[1]} tokens) on {model}: "
          f"{method}, {site} by {by}, {direction}{', remote' if remote else ''}")
     if prompts.multi_token:
@@ -68,7 +69,7 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     for name in (("exact", "attribution") if method == "both" else (method,)):
         results[name] = _run_stored(store, name, lm, prompts, cfg, echo)
         results[name].normalize, results[name].min_gap = normalize, min_gap
-    labels = position_labels(prompts, lm.tokenizer) if by == "position" else [f"H{h}" for h in range(lm.arch.n_heads)]
+    labels = heatmap_labels(prompts, lm.tokenizer) if by == "position" else [f"H{h}" for h in range(lm.arch.n_heads)]
     labels = [labels[c] for c in next(iter(results.values())).cells] if by == "position" else labels
     excluded = int(next(iter(results.values())).excluded.sum())
     summary = {"run_dir": str(store.dir), "pairs": len(prompts), "figures": [], "normalize": normalize,
@@ -82,7 +83,7 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
         summary["agreement"] = agreement(results["exact"], results["attribution"], k=top)
     res = next(iter(results.values()))
     summary["metric_base"], summary["metric_source"] = float(res.base.mean()), float(res.source.mean())
-    store.note(figures=summary["figures"], result="result.h5")
+    store.note(figures=summary["figures"], result=[f"results.h5:result/{name}" for name in results])
     store.finish(**{k: v for k, v in summary.items() if k not in ("run_dir", "figures")})
     _print_table(summary, results, top, echo)
     return summary
@@ -146,38 +147,16 @@ def _run_stored(store, name: str, lm, prompts, cfg: PatchConfig, echo=print) -> 
     return res
 
 
-def _check_result_file(store) -> None:
-    """A result.h5 left by an earlier run must be readable before anything is recomputed or written."""
-    import h5py
-
-    path = store.dir / "result.h5"
-    if not path.exists():
-        return
-    try:
-        h5py.File(path, "r").close()
-    except OSError:
-        store.close()
-        raise UserError(f"{path} is corrupted (not readable HDF5); it is assembled from results.h5: delete it "
-                        f"and rerun the same command to rebuild it") from None
-
-
 def _save_result(store, name: str, res: PatchResult, labels: list[str]) -> None:
-    import h5py
-
-    with h5py.File(store.dir / "result.h5", "a") as f:
-        if name in f:
-            del f[name]
-        g = f.create_group(name)
-        for key, value in (("values", res.values), ("base", res.base), ("source", res.source),
-                           ("effect", res.effect()), ("clean_normalized", res.clean_normalized.nanmean(0)),
-                           ("layers", torch.tensor(res.layers)), ("cells", torch.tensor(res.cells))):
-            g.create_dataset(key, data=value.numpy())
-        g.create_dataset("labels", data=[s.encode() for s in labels])
-        if res.skipped is not None:                    # cells provably equal to the base run (not computed)
-            g.create_dataset("skipped", data=res.skipped.numpy())
-        g.attrs["by"] = res.config.by
-        g.attrs["normalize"], g.attrs["min_gap"] = res.normalize, res.min_gap
-        g.create_dataset("excluded_pairs", data=res.excluded.numpy())
+    """Method ``name``'s assembled result into results.h5 (``result/<name>``, replacing an earlier one)."""
+    arrays = {key: value.numpy() for key, value in (
+        ("values", res.values), ("base", res.base), ("source", res.source), ("effect", res.effect()),
+        ("clean_normalized", res.clean_normalized.nanmean(0)), ("layers", torch.tensor(res.layers)),
+        ("cells", torch.tensor(res.cells)), ("excluded_pairs", res.excluded))}
+    arrays["labels"] = [s.encode() for s in labels]
+    if res.skipped is not None:                        # cells provably equal to the base run (not computed)
+        arrays["skipped"] = res.skipped.numpy()
+    store.write_result(name, arrays, attrs={"by": res.config.by, "normalize": res.normalize, "min_gap": res.min_gap})
 
 
 def _figures(store, name: str, res: PatchResult, prompts, labels: list[str]) -> list[str]:
@@ -217,6 +196,6 @@ def _print_table(summary: dict, results: dict, top: int, echo) -> None:
         a = summary["agreement"]
         echo("attribution vs exact: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in a.items()))
-    echo(f"results: {summary['run_dir']}/result.h5")
+    echo(f"results: {summary['run_dir']}/results.h5 (" + ", ".join(f"result/{name}" for name in results) + ")")
     for path in summary["figures"]:
         echo(f"figure:  {path}")

@@ -81,7 +81,7 @@ def prefix_limit_fn(lm, fact, cfg, level):
     from analyses import causal_tracing_prefix as CP
     from interpkit.engine.inside import apply_write, fill_write
     from interpkit.kv_cache import layer_kv, positions, prefix_cache
-    from tests.causal_tracing_ref import _blocks
+    from tests.causal_tracing_ref import hf_blocks
 
     L, S = lm.arch.n_layers, cfg.samples
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)
@@ -104,7 +104,7 @@ def prefix_limit_fn(lm, fact, cfg, level):
         args.append({"inputs": {"input_ids": sweep.base.inputs["input_ids"][c.rows, c.p0:],
                                 "attention_mask": mask[c.rows], "position_ids": positions(mask)[c.rows, c.p0:]},
                      "l0": c.l0, "start": start})
-    blocks = _blocks(lm.hf)
+    blocks = hf_blocks(lm.hf)
 
     def limit():
         with torch.no_grad():

@@ -119,9 +119,11 @@ class Arch:
                                 (shift @ W + b).reshape(n, dh))
         W_Q, b_Q = fold(Wq, bq, H)
         W_K, b_K = fold(Wk, bk, Hkv)
-        return QK(W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, scale=self._scale(a, layer), softcap=self.softcap(layer))
+        return QK(W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, scale=self.attn_scale(layer), softcap=self.softcap(layer))
 
-    def _scale(self, attn: torch.nn.Module, layer: int) -> float:
+    def attn_scale(self, layer: int) -> float:
+        """The factor on ``layer``'s attention scores (q.k times this before the softmax)."""
+        attn = self.attn_module(layer)
         if hasattr(attn, "scaling"):
             return float(attn.scaling)
         c = self.hf.config

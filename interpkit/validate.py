@@ -292,11 +292,9 @@ def attn_trace_options(model: str, prompts: int, seed_: int, batch_size: int, at
 
 
 def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effect: float,
-                    min_frequency: float, actions: tuple[str, ...] | None = None) -> None:
-    """``actions``: the circuit actions (``analyses.attention_tracing.commands.ACTIONS``)."""
-    if actions is None:         # compat until cli.py passes ``actions``; then delete (an import cycle)
-        from analyses.attention_tracing.commands import ACTIONS as actions
-
+                    min_frequency: float, actions: tuple[str, ...]) -> None:
+    """``actions``: the circuit actions (``analyses.attention_tracing.commands.ACTIONS``; passed in, as
+    importing them here would close an import cycle)."""
     choice("action", action, actions)
     choice("--what", what, ("edge", "input"))
     count("--min-prompts", min_prompts)
@@ -308,11 +306,9 @@ def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effe
 
 def causal_trace_options(model: str, facts: int | None, noise_: str | None, config: str | None,
                          samples: int | None, window: int | None, seed_: int | None, max_rows: int | None,
-                         run_id_: str | None, root: str, config_cls: type | None = None) -> None:
-    """``config_cls``: the dataclass whose fields a ``--config`` YAML sets (``analyses.causal_tracing.TraceConfig``)."""
-    if config_cls is None:      # compat until cli.py passes ``config_cls``; then delete (an import cycle)
-        from analyses.causal_tracing import TraceConfig as config_cls
-
+                         run_id_: str | None, root: str, config_cls: type) -> None:
+    """``config_cls``: the dataclass whose fields a ``--config`` YAML sets (``analyses.causal_tracing.TraceConfig``;
+    passed in, as importing it here would close an import cycle)."""
     model_name(model)
     count("--facts", facts)
     count("--samples", samples)

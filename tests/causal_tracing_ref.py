@@ -11,7 +11,8 @@ import contextlib
 import torch
 
 
-def _blocks(hf):
+def hf_blocks(hf):
+    """The transformer blocks of a Hugging Face causal LM, found by attribute name (as ROME does)."""
     base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
     return base.h if hasattr(base, "h") else base.layers
 
@@ -68,7 +69,7 @@ class ReferenceTracer:
         self.hf, self.ids, self.noise = hf, ids, noise
         self.a, self.b = subject
         self.S = noise.shape[0]
-        self.blocks = _blocks(hf)
+        self.blocks = hf_blocks(hf)
         self.L = len(self.blocks)
         self.answer = answer if answer is not None else int(self._probs(())[0].argmax())
 

@@ -14,28 +14,8 @@ from analyses.attention_tracing.omega import Omega
 from analyses.attention_tracing.reference import trace_prompt_reference
 from analyses.attention_tracing.signals import edge_signal, minimal_set, relative_scores
 from analyses.attention_tracing.trace import AttnTraceConfig, trace_prompt, trace_prompts
-from tests.conftest import tiny
+from tests.conftest import sharp, tiny
 
-
-
-@functools.lru_cache(maxsize=None)
-def sharp(family: str, init: float = 0.2):
-    """The tiny model's architecture and tokenizer with larger random weights (peaked attention)."""
-    from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM
-
-    from interpkit.arch import Arch
-    from interpkit.models import LoadedModel
-
-    base = tiny(family)
-    cfg = type(base.hf.config).from_dict(base.hf.config.to_dict())
-    cfg.initializer_range = init
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    fam = base.arch.family
-    return LoadedModel(f"sharp:{family}", TransformersModel(hf, tokenizer=base.tokenizer, rename=fam.rename),
-                       Arch.from_hf(hf, fam), base.tokenizer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -357,6 +337,37 @@ def test_remote_loopback_identical_graphs():
         assert server.n_requests >= 3                         # 1 trace per batch + decompositions + edits
     _same_graphs(local.graphs, remote.graphs, tol=0.0)
     assert (edits_local.d_attn - edits_remote.d_attn).abs().max() < 1e-6
+
+
+def test_edge_interventions_are_engine_forwards_one_remote_request():
+    """Edge interventions are sweep-engine forwards (a ``ScoreAdd`` per edited layer, the patterns as
+    readout records): several forwards equal the local run through nnsight's serialisation exactly, and
+    through the loopback NDIF server in one request."""
+    loopback = pytest.importorskip("interpkit.remote.loopback", reason="interpkit.remote.loopback not available")
+    from analyses.attention_tracing.interventions import edit_forward, signal_edits
+    from interpkit.engine.inside import ATTN_PATTERN, ATTN_SCORES
+    from interpkit.remote import ensure_shipped
+
+    ensure_shipped()
+    lm, prompts, omega, _, local = _traced_locally()
+    recs = [r for r in local.records if r["n_selected"] > 0][:6]
+    decs = decompose_prompts(lm, omega, prompts, [r["prompt"] for r in recs])
+    edits = []
+    for r in recs:
+        edits += signal_edits(omega, decs[r["prompt"]], r["prompt"], r["layer"], r["head"], r["dest"], r["src"],
+                              r["side"], 1.0)
+    plan = edit_forward(lm, omega, prompts, [(edits[0].prompt, edits[:1])], decs)
+    assert [w.site for w in plan.forward.writes] == [ATTN_SCORES]
+    assert plan.forward.readout.records == [(ATTN_PATTERN, edits[0].layer)] and plan.row_edit == [None, edits[0]]
+    want = apply_edits(lm, omega, prompts, edits, max_rows=4, decs=decs)
+    assert len(want) == len(edits) > 4                                    # several forwards
+    got = apply_edits(dataclasses.replace(lm, remote="local"), omega, prompts, edits, max_rows=4, decs=decs)
+    assert want.equals(got)
+    with loopback.LoopbackNDIF(lm.model) as server:
+        got = apply_edits(dataclasses.replace(lm, remote=True), omega, prompts, edits, max_rows=4, decs=decs)
+        assert server.n_requests == 1
+    for col in ("attn_edited", "logit_diff_edited", "d_attn"):
+        assert (want[col] - got[col]).abs().max() < 1e-6
 
 
 def test_commands_end_to_end(tmp_path):

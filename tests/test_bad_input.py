@@ -7,11 +7,8 @@ that no "Traceback" appears, and that every file that existed before is byte-ide
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +19,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from tests.conftest import assert_one_line_error, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "artifacts" / "models"
 PATCH = ["patch", "--task", "gp", "--model", "tiny:gpt2", "--n", "2", "--layers", "0"]
@@ -29,39 +28,10 @@ PROBE = ["probe", "--model", "tiny:gpt2", "--task", "days", "--targets", "a"]
 CTRACE = ["causal-trace", "--model", "tiny:gpt2", "--facts", "1", "--samples", "2", "--kind", "hidden"]
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``interpkit *args`` run in this process."""
-    import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["interpkit", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
 def hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (the lock file, which only names its holder, aside)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run.lock"}
-
-
-PROGRESS = re.compile(r"^[^:]+: (\d+ .*\.\.\.|\d+/\d+ done in [\d.]+ s)$")   # interpkit.progress's lines
-
-
-def assert_one_line_error(code: int, out: str, err: str, pattern: str) -> None:
-    """Exit 2, no traceback, and one error line on stderr besides the progress lines of stages that ran."""
-    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
-    assert "Traceback" not in out + err, err
-    assert code == 2, (code, out[-500:], err[-2000:])
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
 
 
 @dataclass
@@ -95,8 +65,9 @@ def _flip_chunk_bytes(ws: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
-def _corrupt_result(ws: Path) -> None:
-    (_run_dir(ws) / "result.h5").write_bytes(b"\x89HDF\r\n garbage")
+def _corrupt_results_h5(ws: Path) -> None:
+    """The run's results.h5 (chunks and assembled results) is no longer HDF5."""
+    (_run_dir(ws) / "results.h5").write_bytes(b"\x89HDF\r\n garbage")
 
 
 def _manifest_not_object(ws: Path) -> None:
@@ -203,7 +174,7 @@ CASES = [
          r"none of the 2 prompts qualified"),
     # stored results: corrupted, foreign, unreadable
     Case("patch-garbage-in-chunk", PATCH, r"chunk exact-000000 \(dataset 'values'\) fails its sha256", _flip_chunk_bytes),
-    Case("patch-corrupted-result-h5", PATCH, r"result.h5 is corrupted", _corrupt_result),
+    Case("patch-corrupted-results-h5", PATCH, r"results\.h5 is corrupted \(not readable HDF5\)", _corrupt_results_h5),
     Case("patch-manifest-not-object", PATCH, r"not written by interpkit", _manifest_not_object),
 ]
 

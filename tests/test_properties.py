@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_bad_input import run_cli
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS_MODEL = str(ROOT / "artifacts" / "models" / "synthetic-facts-gpt2")

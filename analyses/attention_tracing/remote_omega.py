@@ -90,7 +90,7 @@ def omega_from_remote(lm, center: bool = True, cache_dir=None, frame_dtype: torc
     for layer, p in enumerate(parts):
         QA, RA, QK, RK, b_Q, b_K, u_q, s_q, vh_q, u_k, s_k, vh_k = (torch.as_tensor(t).double() for t in p)
         QK, RK, b_K = QK[kv], RK[kv], b_K[kv]                     # key factors of each query head's KV head
-        scale = a._scale(a.attn_module(layer), layer)
+        scale = a.attn_scale(layer)
         softcap = a.softcap(layer)
         factors[layer] = LayerFactors(QA @ RA, b_Q, QK @ RK, b_K, QA, RA, augmented_r(RK, b_K), QK, RK,
                                       augmented_r(RA, b_Q), scale=float(scale), softcap=softcap)
