@@ -58,13 +58,13 @@ def demo(retrain: bool = typer.Option(False, help="Train the S3 model from its r
          quick: bool = typer.Option(False, help="Smaller real-model part (fewer pairs, facts, samples).")) -> None:
     """Offline end-to-end demo: the S3 state-tracking model (eval, probes, patching, AA/PAA verdict) and
     SmolLM2-135M (IOI handover, IOI heads, causal tracing of known facts)."""
-    from analyses.demo import print_table, run_demo
+    from analyses.demos.state_tracking import print_table, run_demo
     from interpkit import validate as V
 
     V.demo_options(out)
     print_table(run_demo(out, retrain=retrain, log=typer.echo), echo=typer.echo)
     if real:
-        from analyses.demo_real import print_real, run_real_demo
+        from analyses.demos.real_model import print_real, run_real_demo
 
         print_real(run_real_demo(out, quick=quick, log=typer.echo), echo=typer.echo)
 
@@ -94,7 +94,7 @@ def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. 
           topic_mapping: str = typer.Option(None, help="next_token: JSON topic-word matrix to start from.")) -> None:
     """Train a model on permutation state tracking (direct_state, parity, scratchpad) or topic-model stories (next_token)."""
     from interpkit import validate as V
-    from interpkit.training import train_command
+    from analyses.state_tracking.training import train_command
 
     given = {"n": n, "arch": arch, "base_model": base_model, "n_layers": layers, "d_model": d_model,
              "n_heads": heads, "train_len": train_len, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -122,7 +122,7 @@ def evaluate(model: str = typer.Option(..., help="A trained model directory."),
              signature: bool = typer.Option(False, help="Also the AA/PAA signature at the training length: per-layer "
                                                         "state/parity probes and parity-pair prefix patching.")) -> None:
     """Length generalisation: state/parity accuracy per position up to 2x the training length, 0.98 cutoff."""
-    from analyses.state_tracking import eval_command
+    from analyses.state_tracking.command import eval_command
     from interpkit import validate as V
 
     V.eval_options(model, factor, train_len, n, stories, seed, out)
@@ -205,7 +205,7 @@ def attn_trace(task: str = typer.Option(None, help="ioi | gt | gp (or --dataset)
                run_id: str = typer.Option(None, help="Run directory name (default: derived from the config)."),
                out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Attention-causal tracing: Omega-SVD signals of every traced edge into per-prompt circuit graphs."""
-    from analyses.attention_tracing.commands import attn_trace_command
+    from analyses.attention_tracing.command import attn_trace_command
     from interpkit import validate as V
 
     V.attn_trace_options(model, prompts, seed, batch_size, attn_factor, {"--signal-share": signal_share,
@@ -237,7 +237,7 @@ def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | 
             max_prompts: int = typer.Option(16, help="sweep/control: traced prompts used.")) -> None:
     """Circuits from traced graphs: unify, intervene, prune, compare (P/R/F1 bars), threshold sweep,
     sparse attention decomposition, control signals."""
-    from analyses.attention_tracing.commands import ACTIONS, circuit_command
+    from analyses.attention_tracing.command import ACTIONS, circuit_command
     from interpkit import validate as V
 
     V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency, actions=ACTIONS)
@@ -283,7 +283,8 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                                               "instead of adding noise (alone: by another subject's)."),
                  fact_file: str = typer.Option(None, help="Facts in the known_1000.json format (default: known_1000).")) -> None:
     """ROME causal tracing: which hidden states, MLPs and attention layers carry a fact (resumable)."""
-    from analyses.causal_tracing import TraceConfig, causal_trace_command
+    from analyses.causal_tracing.command import causal_trace_command
+    from analyses.causal_tracing.trace import TraceConfig
     from interpkit import validate as V
     from interpkit.store import remote_scope
 
@@ -344,7 +345,7 @@ def patch(task: str = typer.Option(None, help="ioi | gt | gp | permutations (or 
     from interpkit import validate as V
 
     V.model_name(model)                            # before the heavy imports: a typo fails in a blink
-    from analyses.patching_cli import patch_command
+    from analyses.patching.command import patch_command
 
     patch_command(_task_or_dataset(task, dataset), model, site=site, method=method, direction=direction, by=by,
                   remote=remote, n=n,
@@ -369,7 +370,8 @@ def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family
                                             "tested once) instead of one 80/20 split."),
           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Linear probes on the residual stream at every layer, split by prompt (or by entity: --split-by)."""
-    from analyses.probing import ProbeConfig, probe_command
+    from analyses.probing.command import probe_command
+    from analyses.probing.linear import ProbeConfig
     from interpkit import validate as V
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
@@ -405,7 +407,8 @@ def circle(task: str = typer.Option(..., help="days | months"),
            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Circular features (Engels et al. 2024): circle probe R^2 per layer, circle interventions, the
     middle-of-circle sweep and residual RGB deconstruction."""
-    from analyses.circles import CircleConfig, circle_command
+    from analyses.circles.command import circle_command
+    from analyses.circles.features import CircleConfig
     from interpkit import validate as V
     from interpkit.errors import UserError
 
@@ -433,7 +436,7 @@ def vprobe(model: str = typer.Option(..., help="A local model (the probe trains 
            steps: int = typer.Option(300, help="Training steps of the probe (the rank-r update and the head)."),
            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """V-probe (Allen-Zhu & Li): frozen model, rank-r embedding update + linear head, vs random weights."""
-    from analyses.vprobe import VProbeConfig, vprobe_command
+    from analyses.probing.vprobe import VProbeConfig, vprobe_command
     from interpkit import validate as V
 
     V.vprobe_options(model, n, seed)
@@ -561,7 +564,7 @@ def reducibility(model: str = typer.Option(None, help="Also a layer's activation
                  out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Engels et al.'s reducibility demo: epsilon-mixture and separability indices on synthetic clouds
     and on the top PCA pairs of a layer's residual."""
-    from analyses.irreducibility import reducibility_command
+    from analyses.circles.irreducibility import reducibility_command
 
     reducibility_command(model, task=task, layer=layer, role=role, n=n, eps=eps, seed=seed, root=out,
                          echo=typer.echo)

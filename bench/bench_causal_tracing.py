@@ -2,7 +2,7 @@
 
     python bench/bench_causal_tracing.py [--reps 3] [--models synthetic,tiny-llama,gpt2-6x256]
 
-* prefix:  ``analyses.causal_tracing`` with its default engine (``causal_tracing_prefix``: one reference
+* prefix:  ``analyses.causal_tracing.trace`` with its default engine (``causal_tracing_prefix``: one reference
            forward, then per chunk only the tokens and layers a restoration can change);
 * prefix limit: the plain HF forwards that engine needs (the reference forward with its cache, then each
            chunk's suffix on the cached prefix with the skipped layers replaced by their input; no
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyses import causal_tracing as CT  # noqa: E402
+from analyses.causal_tracing import trace as CT  # noqa: E402
 from tests.causal_tracing_ref import ReferenceTracer  # noqa: E402
 
 SYNTHETIC = ROOT / "artifacts" / "models" / "synthetic-facts-gpt2"
@@ -78,7 +78,7 @@ def time_min(fn, reps: int) -> float:
 
 def prefix_limit_fn(lm, fact, cfg, level):
     """The plain forwards the prefix engine runs for ``fact`` (inputs prepared once, outside the timing)."""
-    from analyses import causal_tracing_prefix as CP
+    from analyses.causal_tracing import prefix as CP
     from interpkit.engine.inside import apply_write, fill_write
     from interpkit.kv_cache import layer_kv, positions, prefix_cache
     from tests.causal_tracing_ref import hf_blocks

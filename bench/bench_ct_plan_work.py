@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.causal_tracing import SEVERED_KINDS, BASE_KINDS, facts_of, grid  # noqa: E402
-from analyses.causal_tracing_prefix import first_layer, plan_fact  # noqa: E402
+from analyses.causal_tracing.trace import SEVERED_KINDS, BASE_KINDS, facts_of, grid  # noqa: E402
+from analyses.causal_tracing.prefix import first_layer, plan_fact  # noqa: E402
 
 
 def main() -> None:

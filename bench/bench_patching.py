@@ -6,15 +6,15 @@ Model: GPT2Config(n_layer=12, n_embd=768, n_head=12) with random weights (seed 0
 Prompts: random token ids, no padding; the corrupted prompt differs at two positions. Metric: logit
 difference at the last position. Rows, in the order they are timed (interleaved per repeat):
 
-- engine:  ``analyses.patching.run_patching`` with ``engine="full"`` (the plain reference engine: every cell
+- engine:  ``analyses.patching.sweep.run_patching`` with ``engine="full"`` (the plain reference engine: every cell
            is a row of full forwards, ``--max-rows`` per forward)
-- attribution: ``analyses.attribution.run_attribution`` (one forward + backward; agreement printed)
+- attribution: ``analyses.patching.attribution.run_attribution`` (one forward + backward; agreement printed)
 - limit:   the same number of plain HF forwards over the same batches (no nnsight, no patching), with
            the same last-position-only logits; and, for reference, the same forwards with full logits
 - TL:      TransformerLens ``patching.get_act_patch_resid_pre`` (one forward per cell) on a
            HookedTransformer holding identical weights (converted from the HF state dict offline), plus
            its ``run_with_cache`` of the clean run
-- prefix:  ``analyses.patching.run_patching`` with the default engine (provably-zero cells skipped, the
+- prefix:  ``analyses.patching.sweep.run_patching`` with the default engine (provably-zero cells skipped, the
            rest on the base run's key/value cache; ``interpkit/engine``)
 
 Every method's [layer, position] mean metric must agree with the engine's to 1e-4 (checked, printed).
@@ -28,8 +28,8 @@ from dataclasses import replace
 
 import torch
 
-from analyses.attribution import agreement, run_attribution
-from analyses.patching import PatchConfig, plan_chunks, run_patching
+from analyses.patching.attribution import agreement, run_attribution
+from analyses.patching.sweep import PatchConfig, plan_chunks, run_patching
 from interpkit import metrics as M
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from analyses.patching import PatchConfig, run_patching
+from analyses.patching.sweep import PatchConfig, run_patching
 from tasks.permutations import parity_pairs
 from interpkit.models import load_model
 from interpkit.sites import site

@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses import causal_tracing as CT  # noqa: E402
+from analyses.causal_tracing import command as CC  # noqa: E402
+from analyses.causal_tracing import facts as F  # noqa: E402
+from analyses.causal_tracing import trace as CT  # noqa: E402
 from tasks import synthetic_facts as SF  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
@@ -69,14 +71,14 @@ def trace(lm, n_facts: int, figures: Path | None):
     res = CT.run_causal_tracing(lm, chosen, cfg, subject_std=std)
     print(f"known {len(known)}/{len(prompts)} facts; traced {len(chosen)} in {time.perf_counter() - t0:.1f}s")
     agg = res.aggregate()
-    print(CT.format_summary(res.summary(), len(prompts), len(chosen)))
+    print(CC.format_summary(res.summary(), len(prompts), len(chosen)))
     L = agg["aie"].shape[-1]
     for k, kind in enumerate(res.kinds):
         print(f"\nAIE, {kind} (rows: token groups, columns: layers 0..{L - 1}; +- = 95% half-width)")
         for g, group in enumerate(CT.GROUPS):
             mid, half = agg["aie"][k, g], agg["aie_hi"][k, g] - agg["aie"][k, g]
             cells = [f"{mid[l]:6.3f}+-{half[l]:.3f}" for l in range(L)]
-            print(f"  {CT.GROUP_LABELS[group]:<24}" + "  ".join(cells))
+            print(f"  {F.GROUP_LABELS[group]:<24}" + "  ".join(cells))
     h = res.kinds.index("hidden")
     ls, lt = CT.GROUPS.index("last_subject"), CT.GROUPS.index("last")
     print(f"\nhidden AIE at layer 0: last subject token {agg['aie'][h, ls, 0]:.3f} vs last token "

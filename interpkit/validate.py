@@ -196,10 +196,10 @@ def seed(name: str, value: int | None) -> None:
 
 
 def noise(name: str, value) -> None:
-    """A noise rule, checked by the one parser the engines use (``analyses.causal_noise.parse_rule``)."""
+    """A noise rule, checked by the one parser the engines use (``analyses.causal_tracing.noise.parse_rule``)."""
     if value is None:
         return
-    from analyses.causal_noise import parse_rule
+    from analyses.causal_tracing.noise import parse_rule
 
     try:
         parse_rule(value)
@@ -228,7 +228,7 @@ def demo_options(out: str) -> None:
 
 def train_options(recipe: str | None, output_dir: str, given: dict) -> dict:
     """Checks train's options; returns the recipe's config (empty without --recipe)."""
-    from interpkit.training import TrainConfig
+    from analyses.state_tracking.training import TrainConfig
 
     count("--n", given.get("n"), 2)
     for opt, key in (("--layers", "n_layers"), ("--d-model", "d_model"), ("--heads", "n_heads"),
@@ -293,7 +293,7 @@ def attn_trace_options(model: str, prompts: int, seed_: int, batch_size: int, at
 
 def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effect: float,
                     min_frequency: float, actions: tuple[str, ...]) -> None:
-    """``actions``: the circuit actions (``analyses.attention_tracing.commands.ACTIONS``; passed in, as
+    """``actions``: the circuit actions (``analyses.attention_tracing.command.ACTIONS``; passed in, as
     importing them here would close an import cycle)."""
     choice("action", action, actions)
     choice("--what", what, ("edge", "input"))
@@ -307,7 +307,7 @@ def circuit_options(action: str, run: str, what: str, min_prompts: int, min_effe
 def causal_trace_options(model: str, facts: int | None, noise_: str | None, config: str | None,
                          samples: int | None, window: int | None, seed_: int | None, max_rows: int | None,
                          run_id_: str | None, root: str, config_cls: type) -> None:
-    """``config_cls``: the dataclass whose fields a ``--config`` YAML sets (``analyses.causal_tracing.TraceConfig``;
+    """``config_cls``: the dataclass whose fields a ``--config`` YAML sets (``analyses.causal_tracing.trace.TraceConfig``;
     passed in, as importing it here would close an import cycle)."""
     model_name(model)
     count("--facts", facts)

@@ -1,7 +1,7 @@
 """An independent causal-tracing implementation with plain PyTorch forward hooks, the way ROME does it:
 one forward (clean row + S corrupted rows) per restoration, severed runs in two passes.
 
-It shares nothing with ``analyses/causal_tracing.py`` except the noise tensor it is handed; the tests
+It shares nothing with ``analyses/causal_tracing/trace.py`` except the noise tensor it is handed; the tests
 compare the two, and ``bench/bench_causal_tracing.py`` times it as the one-forward-per-restoration loop.
 """
 from __future__ import annotations

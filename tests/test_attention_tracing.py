@@ -371,7 +371,7 @@ def test_edge_interventions_are_engine_forwards_one_remote_request():
 
 
 def test_commands_end_to_end(tmp_path):
-    from analyses.attention_tracing.commands import attn_trace_command, circuit_command
+    from analyses.attention_tracing.command import attn_trace_command, circuit_command
     from interpkit.errors import UserError
 
     out = []

@@ -135,7 +135,7 @@ def test_average_linkage_and_control_heads():
 
 def test_studies_on_the_calendar_model(tmp_path):
     """attn-trace (tokens as labels) -> intervene -> prune -> sparsity, control, sweep, compare, end to end."""
-    from analyses.attention_tracing.commands import attn_trace_command, circuit_command
+    from analyses.attention_tracing.command import attn_trace_command, circuit_command
 
     out = []
     s = attn_trace_command("days", CALENDAR, n=8, batch_size=8, labels="tokens", root=str(tmp_path),

@@ -1,4 +1,4 @@
-"""analyses/causal_noise.py: ROME's noise rules (sigma, uniform, m, t<dof>, subject replacement, --replace)
+"""analyses/causal_tracing/noise.py: ROME's noise rules (sigma, uniform, m, t<dof>, subject replacement, --replace)
 checked statistically on synthetic embeddings and exactly on a tiny model, plus the CLI options."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from analyses import causal_tracing as CT
-from analyses.causal_noise import NoiseModel, build_noise_model, corrupt, gaussian_model, parse_rule
+from analyses.causal_tracing import trace as CT
+from analyses.causal_tracing.noise import NoiseModel, build_noise_model, corrupt, gaussian_model, parse_rule
 from interpkit.errors import UserError
 from tests.conftest import tiny
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses import causal_tracing as CT
+from analyses.causal_tracing import command as CC
+from analyses.causal_tracing import trace as CT
 from interpkit.errors import UserError
 from tests.causal_tracing_ref import ReferenceTracer
 from tests.conftest import FAMILIES, sharp, tiny
@@ -159,13 +160,13 @@ def test_aggregation_and_dataframes():
 def test_config_yaml(tmp_path):
     p = tmp_path / "trace.yaml"
     p.write_text("noise: 0.05\nsamples: 4\nkinds: [hidden, mlp]\nuniform: true\n")
-    cfg = CT.load_config(str(p), samples=6)
+    cfg = CC.load_config(str(p), samples=6)
     assert cfg.noise == 0.05 and cfg.samples == 6 and cfg.kinds == ["hidden", "mlp"] and cfg.uniform
     p.write_text("nosie: 3\n")
     with pytest.raises(UserError, match="unknown key"):
-        CT.load_config(str(p))
+        CC.load_config(str(p))
     with pytest.raises(UserError, match="noise"):
-        CT.load_config(None, noise="loud")
+        CC.load_config(None, noise="loud")
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="shipped synthetic-facts model missing")
@@ -173,13 +174,13 @@ def test_command_stores_resumes_and_plots(tmp_path):
     lines: list[str] = []
     kw = dict(model=str(SHIPPED), facts=2, task="synthetic_facts", kind="hidden", samples=2, root=str(tmp_path),
               echo=lines.append)
-    first = CT.causal_trace_command(**kw, config=None)
+    first = CC.causal_trace_command(**kw, config=None)
     run = next((tmp_path / "causal_tracing").iterdir())
     assert (run / "results.h5").exists() and (run / "causal_trace_heatmap.png").exists()
     assert (run / "causal_trace_lines.png").exists() and (run / "aie.csv").exists()
     assert any(line.startswith("chunk 0") for line in lines)
     lines.clear()
-    again = CT.causal_trace_command(**kw, config=None)              # resumes: nothing recomputed
+    again = CC.causal_trace_command(**kw, config=None)              # resumes: nothing recomputed
     assert not any(line.startswith("chunk") for line in lines)
     assert torch.equal(first.facts[1].scores, again.facts[1].scores)
     assert first.facts[1].tokens == again.facts[1].tokens
@@ -209,7 +210,7 @@ def test_prefix_plan_skips_what_cannot_change():
     """The prefix engine's plan: restorations before the subject, or at the last layer away from the last
     token, are not computed; clipped windows that coincide are computed once; what is computed starts at
     the restored token and (hidden) after the restored layer."""
-    from analyses.causal_tracing_prefix import first_layer, plan_fact
+    from analyses.causal_tracing.prefix import first_layer, plan_fact
 
     T, L, a, S = 9, 6, 2, 10
     rest = CT.grid(list(CT.BASE_KINDS), T, L)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.circles import CircleConfig, circle_targets, fit_circle, run_circles
+from analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 from interpkit.remote.loopback import frozen
 
@@ -23,7 +23,7 @@ def calendar_lm(family: str = "gpt2", seed: int = 0):
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM
 
-    from analyses.calendar_demo import build_tokenizer
+    from analyses.demos.calendar import build_tokenizer
     from interpkit.arch import Arch
     from interpkit.families import family_for
     from interpkit.models import LoadedModel, tiny_config
@@ -83,8 +83,8 @@ def _hook_reference(lm, prompts, row: int, layer: int, vector: torch.Tensor, can
 
 
 def test_interventions_equal_plain_hooks():
-    from analyses.circles import answer_candidates, meta_tensor
-    from analyses.probing import collect_residuals
+    from analyses.circles.features import answer_candidates, meta_tensor
+    from analyses.probing.linear import collect_residuals
     from tasks import get_task
 
     lm = calendar_lm()
@@ -117,7 +117,7 @@ def test_circle_edits_are_engine_writes():
     """Each intervention method is one engine ``Write`` (interpkit.engine.inside), whose new fields do what
     the methods need: rows of a value table (``take``), sources at other positions (``src_pos``) and a
     replaced subspace component (``basis``); the final residual is the ``final_in`` site."""
-    from analyses.circles import circle_writes
+    from analyses.circles.features import circle_writes
     from interpkit.engine.inside import FINAL_IN, Write, apply_write, fill_write
 
     g = torch.Generator().manual_seed(0)
@@ -185,7 +185,7 @@ def test_bad_options_are_user_errors():
 @pytest.mark.skipif(not DEMO.exists(), reason="artifacts/models/calendar-demo not built")
 @pytest.mark.parametrize("task", ["days", "months"])
 def test_trained_demo_model_has_a_causal_circle(task):
-    from analyses.probing import random_like
+    from analyses.probing.linear import random_like
     from interpkit.models import load_model
     from tasks import get_task
 
@@ -244,7 +244,7 @@ def test_loopback_ndif_equals_local():
 
 
 def test_circle_command_writes_run(tmp_path, capsys):
-    from analyses.circles import circle_command
+    from analyses.circles.command import circle_command
 
     lm = calendar_lm()
     cfg = CircleConfig(layers=[0], targets_per_problem=1, methods=("circle", "layer"))

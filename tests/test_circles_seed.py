@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.circles import CircleConfig, circle_targets, fit_circle, run_circles
+from analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
@@ -64,7 +64,7 @@ def test_interventions_on_the_result_token():
 
 @needs_demo
 def test_sweep_inside_the_circle():
-    from analyses.circles import circle_sweep
+    from analyses.circles.features import circle_sweep
 
     lm, prompts = demo()
     fit = run_circles(lm, prompts, CircleConfig(intervene=False)).fit
@@ -83,7 +83,7 @@ def test_sweep_inside_the_circle():
 
 
 def test_deconstruction_on_synthetic_features():
-    from analyses.circle_studies import deconstruct, features, rgb_image
+    from analyses.circles.studies import deconstruct, features, rgb_image
 
     g = np.random.default_rng(0)
     a, b = np.repeat(np.arange(7), 7), np.tile(np.arange(1, 8), 7)
@@ -100,8 +100,8 @@ def test_deconstruction_on_synthetic_features():
 
 @needs_demo
 def test_deconstruction_of_the_demo_model():
-    from analyses.circle_studies import deconstruct
-    from analyses.probing import collect_residuals
+    from analyses.circles.studies import deconstruct
+    from analyses.probing.linear import collect_residuals
 
     lm, prompts = demo()
     acts = collect_residuals(lm, prompts, prompts.roles["end"])
@@ -113,7 +113,7 @@ def test_deconstruction_of_the_demo_model():
 
 @needs_demo
 def test_circle_command_with_sweep_and_rgb(tmp_path, capsys):
-    from analyses.circles import circle_command
+    from analyses.circles.command import circle_command
 
     lm, prompts = demo()
     cfg = CircleConfig(layers=[0], targets_per_problem=1, methods=("circle",))
@@ -132,7 +132,7 @@ def test_circle_command_with_sweep_and_rgb(tmp_path, capsys):
 
 
 def test_reducibility_command(tmp_path):
-    from analyses.irreducibility import reducibility_command
+    from analyses.circles.irreducibility import reducibility_command
 
     lines = []
     out = reducibility_command(None, n=400, root=str(tmp_path), echo=lines.append)

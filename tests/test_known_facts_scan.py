@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from analyses import causal_tracing as CT
-from analyses import known_facts_scan as K
+from analyses.causal_tracing import facts as F
+from analyses.causal_tracing import trace as CT
+from analyses.causal_tracing import known_facts_scan as K
 
 SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
@@ -27,7 +28,7 @@ def test_scan_stops_early_caches_and_equals_a_full_pass(tmp_path, monkeypatch):
     lm, prompts = model_and_facts()
     std, top1 = CT.dataset_pass(lm, prompts)
     known = [i for i in range(len(prompts)) if int(top1[i]) == int(prompts.answer_ids[i, 0])]
-    sub = CT.subject_mask(prompts)
+    sub = F.subject_mask(prompts)
 
     scan, stats = K.scan_known(lm, prompts, 5, sub, chunk=16, log=lambda line: None)
     assert abs(scan.subject_std - std) < 1e-6

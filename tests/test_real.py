@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 
-from analyses.patching import PatchConfig, role_effect, run_patching
+from analyses.patching.sweep import PatchConfig, role_effect, run_patching
 from interpkit.metrics import logit_diff
 from tasks import get_task
 from tests.conftest import real
@@ -79,7 +79,7 @@ def test_engine_equals_full_engine_and_loopback():
 
 
 def test_causal_tracing_restore_all_equals_clean():
-    from analyses import causal_tracing as CT
+    from analyses.causal_tracing import trace as CT
     from tasks.known_facts import build
 
     lm = real()

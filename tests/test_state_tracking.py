@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from analyses.demo import SHIPPED
-from analyses.patching import PatchConfig, run_patching
-from analyses.probing import ProbeConfig, collect_residuals, probe_layers
-from analyses.state_tracking import prefix_boundary, signature
+from analyses.demos.state_tracking import SHIPPED
+from analyses.patching.sweep import PatchConfig, run_patching
+from analyses.probing.linear import ProbeConfig, collect_residuals, probe_layers
+from analyses.state_tracking.signature import prefix_boundary, signature
 from tasks.permutations import encode_actions, parity_pairs, run_states, sample_stories, symmetric_group
 
 
@@ -52,7 +52,7 @@ def test_signature_reads_the_evidence():
 
 
 def test_demo_model_tracks_state_at_training_length():
-    from interpkit.training import evaluate
+    from analyses.state_tracking.training import evaluate
 
     lm, T = demo_model(), recipe()["config"]["train_len"]
     ev = evaluate(lm.hf, lm.tokenizer, n=3, length=T, n_stories=500, seed=31337)

@@ -123,8 +123,8 @@ def synthetic_jsonl(path: Path, n: int = 4) -> str:
 
 @pytest.mark.skipif(not (FACTS_MODEL / "config.json").exists(), reason="synthetic-facts model not shipped")
 def test_multi_token_dataset_through_patching_and_causal_tracing(tmp_path):
-    from analyses.causal_tracing import causal_trace_command
-    from analyses.patching_cli import patch_command
+    from analyses.causal_tracing.command import causal_trace_command
+    from analyses.patching.command import patch_command
 
     from typer.testing import CliRunner
 
@@ -171,7 +171,7 @@ def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family)
     """Patching with multi-token answers: the base and source metrics are the teacher-forced summed
     log-probability of the answer minus the wrong answer (checked against the scoring tool), and the
     default engine equals the plain full-forward engine on every cell."""
-    from analyses.patching import PatchConfig, run_patching
+    from analyses.patching.sweep import PatchConfig, run_patching
     from tasks.base import append_tokens
 
     lm = tiny(family)
@@ -209,7 +209,7 @@ def test_multi_token_causal_tracing_scores_the_whole_answer(tmp_path, family):
     every restoration, and restoring layer 0's output from the subject on gives the clean score."""
     import math
 
-    from analyses.causal_tracing import TraceConfig, run_causal_tracing
+    from analyses.causal_tracing.trace import TraceConfig, run_causal_tracing
 
     lm = tiny(family)
     ps, _ = read_dataset(write(tmp_path / "facts.jsonl", FACT_ROWS), lm.tokenizer, need_subject=True)
@@ -227,7 +227,7 @@ def test_multi_token_causal_tracing_scores_the_whole_answer(tmp_path, family):
         end = len(fact.ids) + len(ps.meta["answer_seq"][fact.index]) - 1
         return [(tuple((0, "hidden", p, "clean") for p in range(fact.subject_first, end)),)]
 
-    from analyses.causal_tracing import facts_of, trace_facts
+    from analyses.causal_tracing.trace import facts_of, trace_facts
 
     restored = trace_facts(lm, facts_of(ps), TraceConfig(**cfg), 0.5, answers=ps.sequences("answer"),
                            restorations=everything)

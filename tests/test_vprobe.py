@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.vprobe import VProbeConfig, run_vprobe
+from analyses.probing.vprobe import VProbeConfig, run_vprobe
 from interpkit.errors import UserError
 from tests.test_circles import calendar_lm
 

@@ -2,7 +2,7 @@
 
 Fresh strings with a *unique* parse (so the labels are a function of the string) are run through the
 model; at every terminal position and every layer (0 = embeddings) a logistic probe
-(``analyses.probing``, prompt-level split) decodes, for each NT level k:
+(``analyses.probing.linear``, prompt-level split) decodes, for each NT level k:
 
 - ``anc{k}``: the level-k NT ancestor of the position,
 - ``bnd{k}``: whether the position ends a level-k subtree (the NT boundary),
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from analyses.probing import ProbeConfig, ProbeResult, probe_layers, random_like
+from analyses.probing.linear import ProbeConfig, ProbeResult, probe_layers, random_like
 from interpkit.plots import finish, pyplot
 
 

@@ -1,6 +1,6 @@
 """Parts 2.1 / 2.2 probes on iGSM models.
 
-V-probes (``analyses.vprobe.fit_vprobe``: frozen model, rank-8 update of the input embeddings, linear
+V-probes (``analyses.probing.vprobe.fit_vprobe``: frozen model, rank-8 update of the input embeddings, linear
 head on the last hidden state) of properties of a quantity A, asked by cutting the text at a probe point
 and appending ``<p> A </p>`` (``<p> A B </p>`` for dep), as in the paper:
 
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analyses.vprobe import VProbeConfig, fit_vprobe
-from analyses.probing import ProbeConfig, collect_residuals, probe_activations, prompt_split, random_like
+from analyses.probing.vprobe import VProbeConfig, fit_vprobe
+from analyses.probing.linear import ProbeConfig, collect_residuals, probe_activations, prompt_split, random_like
 from interpkit.plots import finish, pyplot
 
 TARGETS = ("nece@question", "dep@statements", "nece@solution", "can_next@solution", "value@solution",

@@ -1,6 +1,6 @@
 """Train small GPT-2s from scratch on the synthetic Physics-of-LMs data (CFG strings, iGSM problems).
 
-The permutation trainer of ``interpkit.training`` is specific to state tracking, so the loop is here,
+The permutation trainer of ``analyses.state_tracking.training`` is specific to state tracking, so the loop is here,
 but its checkpoint format is reused (``save_checkpoint`` / ``load_checkpoint`` / ``export_model``):
 ``checkpoint-<step>/`` holds the model, tokenizer, AdamW moments and RNG state, so a killed run resumes
 where it stopped with the same batches (the batch of step k depends only on (seed, k)). Plain next-token
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
-from interpkit.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
+from analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
 
 TASKS = ("cfg", "igsm")
 

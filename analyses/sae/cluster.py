@@ -6,8 +6,8 @@
   above ``cutoff``, symmetrise, take connected components of size >= 2.
 - ``reconstruct``: for every token where a cluster latent fires, the activation projected on the
   cluster's decoder span (sum of f_i W_dec_i over the cluster's latents), its top PCA components, the
-  irreducibility indices (``analyses.irreducibility``) of consecutive PC pairs, and, when the tokens are
-  days or months, the circle probe R^2 (``analyses.circles``) of the value.
+  irreducibility indices (``analyses.circles.irreducibility``) of consecutive PC pairs, and, when the tokens are
+  days or months, the circle probe R^2 (``analyses.circles.features``) of the value.
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ class ClusterReconstruction:
 def reconstruct(sae, X: torch.Tensor, cluster: list[int], k: int = 5, max_points: int = 5000,
                 indices: bool = True, seed: int = 0) -> ClusterReconstruction | None:
     """Cluster reconstruction of X [n, d] (None when fewer than 3 tokens fire the cluster)."""
-    from analyses.circles import pca
-    from analyses.irreducibility import epsilon_mixture_index, separability_index
+    from analyses.circles.features import pca
+    from analyses.circles.irreducibility import epsilon_mixture_index, separability_index
 
     f = sae.encode(X)[:, cluster]
     rows = (f > 0).any(1).nonzero().squeeze(1)
@@ -162,7 +162,7 @@ def value_labels(token_strings: list[str]) -> dict[str, torch.Tensor]:
 
 def circle_fit(recon: torch.Tensor, values: torch.Tensor, period: int, k: int = 5) -> dict | None:
     """Circle-probe R^2 (in-sample and value-held-out) of reconstructions at tokens with a value."""
-    from analyses.circles import fit_circle
+    from analyses.circles.features import fit_circle
 
     keep = values >= 0
     if int(keep.sum()) < 10 or len(torch.unique(values[keep])) < max(3, period // 2):

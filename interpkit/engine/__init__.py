@@ -1,7 +1,7 @@
 """The sweep engine: every patching-like analysis is a planner on it (activation patching, exact and
-prefix: ``analyses.patching``; causal tracing's restorations, batched and prefix:
-``analyses.causal_tracing`` / ``analyses.causal_tracing_prefix``; circle interventions and the
-middle-of-circle sweep: ``analyses.circles``; edge interventions on attention-causal circuits:
+prefix: ``analyses.patching.sweep``; causal tracing's restorations, batched and prefix:
+``analyses.causal_tracing.trace`` / ``analyses.causal_tracing.prefix``; circle interventions and the
+middle-of-circle sweep: ``analyses.circles.features``; edge interventions on attention-causal circuits:
 ``analyses.attention_tracing.interventions``).
 
 - ``plan``: turns a sweep (which rows write which source activations where) into typed chunks, dropping

@@ -1,5 +1,5 @@
 """Two more of Engels et al.'s (2024) circle experiments: their results and figures, and the feature
-deconstruction (numpy only). ``analyses.circles`` runs the sweep (``circle_sweep``: it is an intervention
+deconstruction (numpy only). ``analyses.circles.features`` runs the sweep (``circle_sweep``: it is an intervention
 through the circle probe's forwards) and imports this module; nothing here imports it back.
 
 **Intervening in the middle of the circle** (their Figure 6, ``intervene_in_middle_of_circle.py``): at one

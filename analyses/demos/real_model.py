@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from analyses.attribution import run_attribution
-from analyses.patching import PatchConfig, plot_patching, role_effect, run_patching
+from analyses.patching.attribution import run_attribution
+from analyses.patching.sweep import PatchConfig, plot_patching, role_effect, run_patching
 from interpkit.errors import UserError
 from interpkit.models import load_model
 from tasks import get_task
@@ -75,7 +75,7 @@ def ioi_heads(lm, n_pairs: int, top: int, out: Path, log) -> dict:
 
 
 def facts(n_facts: int, samples: int, out: Path, log) -> dict:
-    from analyses.causal_tracing import causal_trace_command
+    from analyses.causal_tracing.command import causal_trace_command
 
     t = time.perf_counter()
     result = causal_trace_command(MODEL, facts=n_facts, kind="all", samples=samples, root=str(out / "runs"),

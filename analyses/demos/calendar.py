@@ -1,6 +1,6 @@
 """A tiny GPT-2 trained here on weekday and month arithmetic: a model with a circle to find offline.
 
-``python -m analyses.calendar_demo --out artifacts/models/calendar-demo`` trains it on CPU (about a
+``python -m analyses.demos.calendar --out artifacts/models/calendar-demo`` trains it on CPU (about a
 minute), on a word-level tokenizer over the words of ``tasks.calendar``'s prompts, with the problems
 split into train and held-out (a, b) pairs. It writes a HF model directory (config, safetensors weights,
 tokenizer) plus ``recipe.json`` (command, seed, wall time, accuracies), loadable with
@@ -188,8 +188,8 @@ def train_calendar_demo(out: str | Path, cfg: DemoConfig | None = None, log=prin
     hf.name_or_path = "calendar-demo"
     hf.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    recipe = {"command": "python -m analyses.calendar_demo " + " ".join(sys.argv[1:]) if __name__ == "__main__"
-              else f"analyses.calendar_demo.train_calendar_demo({str(out)!r}, {cfg!r})",
+    recipe = {"command": "python -m analyses.demos.calendar " + " ".join(sys.argv[1:]) if __name__ == "__main__"
+              else f"analyses.demos.calendar.train_calendar_demo({str(out)!r}, {cfg!r})",
               "seed": cfg.seed, "config": asdict(cfg), "steps_run": run["steps"], "wall_s": round(run["wall_s"], 1),
               "cpu_s": round(run["cpu_s"], 1),
               "final_loss": round(run["loss"], 4), "accuracy": final,

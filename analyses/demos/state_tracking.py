@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from analyses.state_tracking import measure_signature
+from analyses.state_tracking.signature import measure_signature
 from interpkit.models import load_model
 from interpkit.plots import finish, pyplot
-from interpkit.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
+from analyses.state_tracking.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "artifacts" / "models" / "s3-demo"
 
 

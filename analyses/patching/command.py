@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from analyses.attribution import agreement, run_attribution
-from analyses.patching import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, heatmap_labels, plan_patching,
+from analyses.patching.attribution import agreement, run_attribution
+from analyses.patching.sweep import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, heatmap_labels, plan_patching,
                                plot_patching, role_effect, run_patching)
 from interpkit.errors import UserError
 

@@ -20,7 +20,7 @@ itself with a ``recipe.json``.
 (``evaluate_length_generalization``: twice the training length), restricted to the permutation tokens,
 with the 0.98 cutoff of the seed paper; ``plot_accuracy`` draws it.
 
-``train_demo()`` / ``python -m interpkit.training`` reproduces ``artifacts/models/s3-demo`` (see
+``train_demo()`` / ``python -m analyses.state_tracking.training`` reproduces ``artifacts/models/s3-demo`` (see
 ``demo_config``). What made S3 trainable on a CPU in minutes (measured, CPU, 1 thread): initializer
 std 0.1 instead of GPT-2's 0.02 (about 2.5x lower loss after 500 steps), lr 2e-3 (with that init), 8
 heads of 8 dims rather than 4 of 16, batch 128, a <bos> attention sink, untied embeddings, training
@@ -626,7 +626,7 @@ def export_model(out_dir: str | Path, model, tokenizer, cfg: TrainConfig, step: 
     tokenizer.save_pretrained(out)
     recipe = {"config": asdict(cfg), "seed": cfg.seed, "steps_run": step, "wall_s": round(wall_s, 1),
               "torch": torch.__version__, "threads": cfg.threads,
-              "command": command or "interpkit.training.train(TrainConfig(**recipe['config']))"}
+              "command": command or "analyses.state_tracking.training.train(TrainConfig(**recipe['config']))"}
     if final_eval is not None:
         recipe["eval_train_len"] = {k: final_eval[k] for k in ("length", "n_stories", "min_state_acc",
                                                              "mean_state_acc", "mean_parity_acc")}
@@ -863,8 +863,8 @@ def plot_accuracy(result: dict, path: str | Path, *, title: str | None = None) -
 # --------------------------------------------------------------------------------------------------
 # The shipped S3 demo model
 # --------------------------------------------------------------------------------------------------
-DEMO_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
-DEMO_COMMAND = "python -m interpkit.training --out artifacts/models/s3-demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "s3-demo"
+DEMO_COMMAND = "python -m analyses.state_tracking.training --out artifacts/models/s3-demo"
 DEMO_SEED = 0
 
 
@@ -922,7 +922,7 @@ def _loadavg() -> tuple[float, ...]:
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Train the S3 demo model (interpkit.training.train_demo).")
+    ap = argparse.ArgumentParser(description="Train the S3 demo model (analyses.state_tracking.training.train_demo).")
     ap.add_argument("--out", default=str(DEMO_DIR))
     ap.add_argument("--seed", type=int, default=DEMO_SEED)
     ap.add_argument("--keep-checkpoint", action="store_true")

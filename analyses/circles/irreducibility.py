@@ -251,7 +251,7 @@ def reducibility_command(model: str | None = None, task: str = "days", layer: in
         echo(f"{r['cloud']:<10} {r['mixture']:>7.3f} {r['separability']:>9.3f}  "
              f"{'irreducible' if r['irreducible'] else 'reducible'}")
     if model is not None:
-        from analyses.probing import collect_residuals
+        from analyses.probing.linear import collect_residuals
         from interpkit.models import load_model
         from tasks import get_task
 

@@ -16,7 +16,7 @@ direction). ``deletion`` zeroes the region instead (seed 000's deletion mode).
 
 Besides the sites of ``interpkit.sites``, ``unembed_in`` is the final normalised residual that the
 unembedding reads (one "layer", labelled n_layers): the metric is linear in it for logit differences,
-so attribution patching (``analyses.attribution``) is exact there. Only the last position's logits are
+so attribution patching (``analyses.patching.attribution``) is exact there. Only the last position's logits are
 computed (``logits_to_keep=1``): every metric reads them alone.
 """
 from __future__ import annotations

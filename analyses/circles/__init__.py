@@ -1,0 +1,1 @@
+"""Circular features (Engels et al. 2024): circle probes and interventions on the sweep engine, studies (middle of the circle, residual RGB), irreducibility: `interpkit circle`, `interpkit reducibility`."""

@@ -1,0 +1,1 @@
+"""End-to-end demos and the recipes of the models they ship: `interpkit demo`."""

@@ -1,0 +1,1 @@
+"""Linear probes per layer (prompt or entity splits, lengthwise) and V-probes: `interpkit probe`, `interpkit vprobe`."""
