@@ -1,6 +1,7 @@
-"""The project's module structure: no import cycles, no private names imported across modules.
+"""The project's module structure: no import cycles, no private names imported across modules, no test
+module importing another.
 
-Both checks read the source with ``ast`` (nothing is imported), function-local imports included: a lazy
+The checks read the source with ``ast`` (nothing is imported), function-local imports included: a lazy
 import still ties two modules together, and it is where a cycle usually hides.
 """
 from __future__ import annotations
@@ -115,3 +116,41 @@ def test_the_cycle_check_itself():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     graph = _graph()
     assert "interpkit.validate" in graph["cli"]                 # a function-local `from interpkit import validate`
+
+
+def _test_module_imports(name: str, path: Path) -> list[tuple[str, int]]:
+    """(tests.test_* module imported, line) for every import of a test module in the file, nested ones too:
+    ``import tests.test_x``, ``from tests.test_x import ...``, ``from tests import test_x`` and the
+    relative spellings."""
+    found = []
+    for base, names, line in _imports(name, path):
+        targets = [base, *(f"{base}.{n}" for n in names)]
+        found += [(t, line) for t in targets
+                  if t.startswith("tests.test_") and t.count(".") == 1 and t != name]
+    return found
+
+
+def test_test_modules_do_not_import_each_other():
+    """A helper two test modules share lives in tests/conftest.py (``from tests.conftest import ...``): one
+    test file importing another ties it to that file's internals and module-level code (and a test function
+    imported by name would be collected twice)."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        name = _module_name(path)
+        bad += [f"{path.relative_to(ROOT)}:{line} imports {target}"
+                for target, line in _test_module_imports(name, path)]
+    assert not bad, "test modules importing other test modules (move the helper to tests/conftest.py):\n" + \
+        "\n".join(bad)
+
+
+def test_the_test_module_import_check_itself(tmp_path):
+    """Every spelling of an import of a test module is found, nested ones too; conftest and non-test
+    helpers are not."""
+    src = tmp_path / "test_a.py"
+    src.write_text("import tests.test_b\nfrom tests.test_c import x\nfrom tests import test_d, conftest\n"
+                   "from .test_e import y\nfrom . import test_f\nfrom tests.conftest import tiny\n"
+                   "from tests.causal_tracing_ref import z\nimport tests.test_a\n"
+                   "def f():\n    from tests.test_g import w\n")
+    found = _test_module_imports("tests.test_a", src)
+    assert sorted(found) == [("tests.test_b", 1), ("tests.test_c", 2), ("tests.test_d", 3), ("tests.test_e", 4),
+                             ("tests.test_f", 5), ("tests.test_g", 10)]

@@ -3,7 +3,6 @@ shipped calendar-demo model is present) finding and using its circle."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import pytest
@@ -12,29 +11,9 @@ import torch
 from analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 from interpkit.remote.loopback import frozen
+from tests.conftest import calendar_lm, server_threads
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
-
-
-
-@functools.lru_cache(maxsize=None)
-def calendar_lm(family: str = "gpt2", seed: int = 0):
-    """A tiny random model on the calendar word tokenizer (every calendar word is one token)."""
-    from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM
-
-    from analyses.demos.calendar import build_tokenizer
-    from interpkit.arch import Arch
-    from interpkit.families import family_for
-    from interpkit.models import LoadedModel, tiny_config
-
-    tok = build_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        hf = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), attn_implementation="eager").eval()
-    fam = family_for(hf.config.model_type)
-    return LoadedModel(f"calendar-random:{family}", TransformersModel(hf, tokenizer=tok, rename=fam.rename),
-                       Arch.from_hf(hf, fam), tok)
 
 
 def _planted(period=7, n_other=7, d=32, L=3, layer=1, noise=0.05, seed=0):
@@ -219,19 +198,6 @@ def test_serialised_session_equals_local():
     """nnsight's own serialise/deserialise round trip (remote="local") of the whole session."""
     lm = calendar_lm()
     _remote_equals_local(dataclasses.replace(lm, remote="local"), lm, freeze=False)
-
-
-def server_threads() -> int:
-    """The intra-op thread count a fresh thread (the loopback server's job thread) gets: OpenMP's
-    setting is per thread, and the local reference must use the same, or float sums differ in the
-    last bits."""
-    import threading
-
-    out = []
-    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    return out[0]
 
 
 def test_loopback_ndif_equals_local():

@@ -198,7 +198,7 @@ def test_serialised_session_equals_local():
 def test_loopback_ndif_equals_local():
     import dataclasses
 
-    from tests.test_circles import server_threads
+    from tests.conftest import server_threads
 
     loopback = pytest.importorskip("interpkit.remote.loopback")
     lm = word_lm("llama")
@@ -210,7 +210,7 @@ def test_loopback_ndif_equals_local():
 
 def test_probe_command_writes_run(tmp_path, capsys):
     from analyses.probing.command import probe_command
-    from tests.test_circles import calendar_lm
+    from tests.conftest import calendar_lm
 
     lm = calendar_lm()
     res = probe_command("calendar-random", "days", ["a", "b"], positions="start", lm=lm, root=str(tmp_path),

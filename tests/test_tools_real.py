@@ -12,7 +12,7 @@ from analyses.tools.dla import dla
 from analyses.tools.logit_lens import logit_lens
 from analyses.tools.steering import steer
 from tasks import get_task
-from tests.test_tools_tiny import hf_inputs, hooked
+from tests.conftest import hf_inputs, hooked
 
 pytestmark = pytest.mark.real
 

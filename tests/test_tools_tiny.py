@@ -11,62 +11,9 @@ from analyses.tools.dla import dla
 from analyses.tools.logit_lens import logit_lens
 from interpkit.errors import UserError
 from tasks import get_task
-from tests.conftest import FAMILIES, tiny
+from tests.conftest import FAMILIES, hf_inputs, hooked, tiny
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "Then, Alice said to"]
-
-
-def hf_inputs(lm, texts):
-    enc = lm.tokenizer(texts, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"]
-    return enc["input_ids"], mask, (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def hooked(lm, ids, mask, pos):
-    """Every cache site by forward hooks on the raw HF modules (and output_hidden_states)."""
-    a, fam = lm.arch, lm.arch.family.name
-    got, handles = {}, []
-
-    def keep(key, fn):
-        return lambda m, args, kwargs, out: got.__setitem__(key, fn(args, kwargs, out))
-
-    for l in range(a.n_layers):
-        block, attn = a.block(l), a.attn_module(l)
-        handles.append(block.register_forward_hook(
-            keep(("resid_pre", l), lambda ar, kw, o: (ar[0] if ar else kw["hidden_states"])), with_kwargs=True))
-        handles.append(block.register_forward_hook(
-            keep(("resid_post", l), lambda ar, kw, o: o[0] if isinstance(o, tuple) else o), with_kwargs=True))
-        handles.append(attn.register_forward_hook(keep(("attn_out", l), lambda ar, kw, o: o[0]), with_kwargs=True))
-        handles.append(attn.register_forward_hook(keep(("pattern", l), lambda ar, kw, o: o[1]), with_kwargs=True))
-        handles.append(block.mlp.register_forward_hook(keep(("mlp_out", l), lambda ar, kw, o: o), with_kwargs=True))
-        o_proj = attn.c_proj if fam == "gpt2" else (attn.dense if fam == "neox" else attn.o_proj)
-        handles.append(o_proj.register_forward_hook(keep(("head_out", l), lambda ar, kw, o: ar[0].unflatten(
-            -1, (a.n_heads, a.d_head))), with_kwargs=True))
-        if fam == "gpt2":
-            handles.append(attn.c_attn.register_forward_hook(keep(("qkv", l), lambda ar, kw, o: o), with_kwargs=True))
-        elif fam == "neox":
-            handles.append(attn.query_key_value.register_forward_hook(keep(("qkv", l), lambda ar, kw, o: o),
-                                                                      with_kwargs=True))
-        else:
-            for name in ("q", "k", "v"):
-                handles.append(getattr(attn, f"{name}_proj").register_forward_hook(
-                    keep((name, l), lambda ar, kw, o: o.unflatten(-1, (-1, a.d_head))), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = lm.hf(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
-    for l in range(a.n_layers):
-        if ("qkv", l) in got:
-            x = got.pop(("qkv", l))
-            if fam == "gpt2":                                   # q | k | v blocks of d_model each
-                q, k, v = x.split(a.d_model, dim=-1)
-            else:                                               # per head (q | k | v) interleaved
-                q, k, v = x.unflatten(-1, (a.n_heads, 3 * a.d_head)).chunk(3, dim=-1)
-            for name, t in zip("qkv", (q, k, v)):
-                got[name, l] = t.unflatten(-1, (a.n_heads, a.d_head)) if t.dim() == 3 else t
-    return got, out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ import torch
 
 from analyses.probing.vprobe import VProbeConfig, run_vprobe
 from interpkit.errors import UserError
-from tests.test_circles import calendar_lm
+from tests.conftest import calendar_lm
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
 
