@@ -58,13 +58,13 @@ def demo(retrain: bool = typer.Option(False, help="Train the S3 model from its r
          quick: bool = typer.Option(False, help="Smaller real-model part (fewer pairs, facts, samples).")) -> None:
     """Offline end-to-end demo: the S3 state-tracking model (eval, probes, patching, AA/PAA verdict) and
     SmolLM2-135M (IOI handover, IOI heads, causal tracing of known facts)."""
-    from analyses.demos.state_tracking import print_table, run_demo
+    from interpkit.analyses.demos.state_tracking import print_table, run_demo
     from interpkit import validate as V
 
     V.demo_options(out)
     print_table(run_demo(out, retrain=retrain, log=typer.echo), echo=typer.echo)
     if real:
-        from analyses.demos.real_model import print_real, run_real_demo
+        from interpkit.analyses.demos.real_model import print_real, run_real_demo
 
         print_real(run_real_demo(out, quick=quick, log=typer.echo), echo=typer.echo)
 
@@ -94,7 +94,7 @@ def train(recipe: str = typer.Option(None, help="Start from a recipe.json (e.g. 
           topic_mapping: str = typer.Option(None, help="next_token: JSON topic-word matrix to start from.")) -> None:
     """Train a model on permutation state tracking (direct_state, parity, scratchpad) or topic-model stories (next_token)."""
     from interpkit import validate as V
-    from analyses.state_tracking.training import train_command
+    from interpkit.analyses.state_tracking.training import train_command
 
     given = {"n": n, "arch": arch, "base_model": base_model, "n_layers": layers, "d_model": d_model,
              "n_heads": heads, "train_len": train_len, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -122,7 +122,7 @@ def evaluate(model: str = typer.Option(..., help="A trained model directory."),
              signature: bool = typer.Option(False, help="Also the AA/PAA signature at the training length: per-layer "
                                                         "state/parity probes and parity-pair prefix patching.")) -> None:
     """Length generalisation: state/parity accuracy per position up to 2x the training length, 0.98 cutoff."""
-    from analyses.state_tracking.command import eval_command
+    from interpkit.analyses.state_tracking.command import eval_command
     from interpkit import validate as V
 
     V.eval_options(model, factor, train_len, n, stories, seed, out)
@@ -143,11 +143,11 @@ def data(out: str = typer.Option("artifacts/data/s3", help="Output directory (tr
          topic_mapping: str = typer.Option(None, help="topic: start from this JSON [topics, n!] topic-word matrix.")) -> None:
     """Export permutation state-tracking data or topic-model pretraining data, one file per split."""
     from interpkit import validate as V
-    from tasks.permutations import data_command
+    from interpkit.tasks.permutations import data_command
 
     V.writable_dir("--out", out)
     if kind in ("cfg", "igsm"):                   # issue 18: synthetic CFG strings / iGSM problems
-        from analyses.physics.command import data_command as physics_data
+        from interpkit.analyses.physics.command import data_command as physics_data
         physics_data(kind, out, stories, seed, echo=typer.echo)
         return
     for split, path in data_command(out, kind=kind, n=n, length=length, stories=stories, seed=seed,
@@ -205,7 +205,7 @@ def attn_trace(task: str = typer.Option(None, help="ioi | gt | gp (or --dataset)
                run_id: str = typer.Option(None, help="Run directory name (default: derived from the config)."),
                out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Attention-causal tracing: Omega-SVD signals of every traced edge into per-prompt circuit graphs."""
-    from analyses.attention_tracing.command import attn_trace_command
+    from interpkit.analyses.attention_tracing.command import attn_trace_command
     from interpkit import validate as V
 
     V.attn_trace_options(model, prompts, seed, batch_size, attn_factor, {"--signal-share": signal_share,
@@ -237,7 +237,7 @@ def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | 
             max_prompts: int = typer.Option(16, help="sweep/control: traced prompts used.")) -> None:
     """Circuits from traced graphs: unify, intervene, prune, compare (P/R/F1 bars), threshold sweep,
     sparse attention decomposition, control signals."""
-    from analyses.attention_tracing.command import ACTIONS, circuit_command
+    from interpkit.analyses.attention_tracing.command import ACTIONS, circuit_command
     from interpkit import validate as V
 
     V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency, actions=ACTIONS)
@@ -283,8 +283,8 @@ def causal_trace(model: str = typer.Option(..., help="Hub id, local directory or
                                               "instead of adding noise (alone: by another subject's)."),
                  fact_file: str = typer.Option(None, help="Facts in the known_1000.json format (default: known_1000).")) -> None:
     """ROME causal tracing: which hidden states, MLPs and attention layers carry a fact (resumable)."""
-    from analyses.causal_tracing.command import causal_trace_command
-    from analyses.causal_tracing.trace import TraceConfig
+    from interpkit.analyses.causal_tracing.command import causal_trace_command
+    from interpkit.analyses.causal_tracing.trace import TraceConfig
     from interpkit import validate as V
     from interpkit.store import remote_scope
 
@@ -345,7 +345,7 @@ def patch(task: str = typer.Option(None, help="ioi | gt | gp | permutations (or 
     from interpkit import validate as V
 
     V.model_name(model)                            # before the heavy imports: a typo fails in a blink
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.patching.command import patch_command
 
     patch_command(_task_or_dataset(task, dataset), model, site=site, method=method, direction=direction, by=by,
                   remote=remote, n=n,
@@ -370,8 +370,8 @@ def probe(model: str = typer.Option(..., help="Hub id, local dir or tiny:<family
                                             "tested once) instead of one 80/20 split."),
           out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Linear probes on the residual stream at every layer, split by prompt (or by entity: --split-by)."""
-    from analyses.probing.command import probe_command
-    from analyses.probing.linear import ProbeConfig
+    from interpkit.analyses.probing.command import probe_command
+    from interpkit.analyses.probing.linear import ProbeConfig
     from interpkit import validate as V
 
     names = [t.strip() for t in targets.split(",") if t.strip()]
@@ -407,8 +407,8 @@ def circle(task: str = typer.Option(..., help="days | months"),
            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Circular features (Engels et al. 2024): circle probe R^2 per layer, circle interventions, the
     middle-of-circle sweep and residual RGB deconstruction."""
-    from analyses.circles.command import circle_command
-    from analyses.circles.features import CircleConfig
+    from interpkit.analyses.circles.command import circle_command
+    from interpkit.analyses.circles.features import CircleConfig
     from interpkit import validate as V
     from interpkit.errors import UserError
 
@@ -436,7 +436,7 @@ def vprobe(model: str = typer.Option(..., help="A local model (the probe trains 
            steps: int = typer.Option(300, help="Training steps of the probe (the rank-r update and the head)."),
            out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """V-probe (Allen-Zhu & Li): frozen model, rank-r embedding update + linear head, vs random weights."""
-    from analyses.probing.vprobe import VProbeConfig, vprobe_command
+    from interpkit.analyses.probing.vprobe import VProbeConfig, vprobe_command
     from interpkit import validate as V
 
     V.vprobe_options(model, n, seed)
@@ -469,7 +469,7 @@ def cache_cmd(model: ToolModel,
               dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
               run_id: ToolRunId = None) -> None:
     """Activation cache of any uniform sites for a batch in one trace, written to HDF5."""
-    from analyses.tools.command import cache_command
+    from interpkit.analyses.tools.command import cache_command
 
     cache_command(model, sites=sites, layers=_int_list(layers), task=task, dataset=dataset, prompts=prompt, n=n,
                   seed=seed, remote=remote, dtype=dtype, device=device, max_gb=max_gb, out=out, run_id=run_id,
@@ -485,7 +485,7 @@ def logit_lens_cmd(model: ToolModel, task: str = typer.Option(None, help="A task
                    dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
                    run_id: ToolRunId = None) -> None:
     """Logit lens: final norm + unembedding on the residual at every layer; answer rank/probability per layer."""
-    from analyses.tools.command import logit_lens_command
+    from interpkit.analyses.tools.command import logit_lens_command
 
     logit_lens_command(model, task=task, dataset=dataset, prompts=prompt, n=n, seed=seed, top_k=top_k,
                        remote=remote, dtype=dtype, device=device, out=out, run_id=run_id, echo=typer.echo)
@@ -500,7 +500,7 @@ def dla_cmd(model: ToolModel, task: str = typer.Option(None, help="A task with a
             dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
             run_id: ToolRunId = None) -> None:
     """Direct logit attribution of the logit difference to embedding, heads and MLPs (final-norm scale frozen)."""
-    from analyses.tools.command import dla_command
+    from interpkit.analyses.tools.command import dla_command
 
     dla_command(model, task=task, dataset=dataset, n=n, seed=seed, top=top, by_source=by_source, remote=remote,
                 dtype=dtype, device=device, out=out, run_id=run_id, echo=typer.echo)
@@ -521,7 +521,7 @@ def attention_cmd(model: ToolModel, task: str = typer.Option(None, help="A task 
                   dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
                   run_id: ToolRunId = None) -> None:
     """Attention patterns per head, role-to-role attention, and head detectors."""
-    from analyses.tools.command import attention_command
+    from interpkit.analyses.tools.command import attention_command
 
     attention_command(model, task=task, dataset=dataset, prompts=prompt, n=n, seed=seed, roles=roles, dest=dest,
                       show=show, layers=_int_list(layers), detect=detect, n_tokens=n_tokens, threshold=threshold,
@@ -544,7 +544,7 @@ def steer_cmd(model: ToolModel,
               dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
               run_id: ToolRunId = None) -> None:
     """Steering by contrastive activation addition, generated side by side with the unsteered text."""
-    from analyses.tools.command import steer_command
+    from interpkit.analyses.tools.command import steer_command
 
     steer_command(model, layer, positive=positive, negative=negative, positive_file=positive_file,
                   negative_file=negative_file, prompts=prompt, coefficients=_float_list(coefficients),
@@ -564,14 +564,14 @@ def reducibility(model: str = typer.Option(None, help="Also a layer's activation
                  out: str = typer.Option("artifacts", "--out", "--root", help="Where runs go (<out>/<analysis>/).")) -> None:
     """Engels et al.'s reducibility demo: epsilon-mixture and separability indices on synthetic clouds
     and on the top PCA pairs of a layer's residual."""
-    from analyses.circles.irreducibility import reducibility_command
+    from interpkit.analyses.circles.irreducibility import reducibility_command
 
     reducibility_command(model, task=task, layer=layer, role=role, n=n, eps=eps, seed=seed, root=out,
                          echo=typer.echo)
 
 
-from analyses.physics.cli import app as _physics_app  # noqa: E402  (issue 18)
-from analyses.sae.cli import app as _sae_app  # noqa: E402  (issue 18)
+from interpkit.analyses.physics.cli import app as _physics_app  # noqa: E402  (issue 18)
+from interpkit.analyses.sae.cli import app as _sae_app  # noqa: E402  (issue 18)
 app.add_typer(_physics_app, name="physics"); app.add_typer(_sae_app, name="sae")  # noqa: E702
 
 

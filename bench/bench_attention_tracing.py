@@ -57,7 +57,7 @@ def same_graph(G, R) -> tuple[bool, float]:
 
 def _interventions(lm, omega, pool, records, n: int) -> None:
     """Full signal-subspace removal vs a random equal-size subspace of the same Omega, per edge side."""
-    from analyses.attention_tracing.interventions import signal_removal
+    from interpkit.analyses.attention_tracing.interventions import signal_removal
 
     t = time.perf_counter()
     df = signal_removal(lm, omega, pool, records, max_edges=n)
@@ -79,11 +79,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from analyses.attention_tracing.decompose import collect, decompose, load_weights, logit_direction
-    from analyses.attention_tracing.omega import Omega
-    from analyses.attention_tracing.reference import DenseSVD, trace_prompt_reference
-    from analyses.attention_tracing.trace import AttnTraceConfig, node_labels, trace_prompt
-    from tasks import get_task
+    from interpkit.analyses.attention_tracing.decompose import collect, decompose, load_weights, logit_direction
+    from interpkit.analyses.attention_tracing.omega import Omega
+    from interpkit.analyses.attention_tracing.reference import DenseSVD, trace_prompt_reference
+    from interpkit.analyses.attention_tracing.trace import AttnTraceConfig, node_labels, trace_prompt
+    from interpkit.tasks import get_task
 
     lm = build(0.02, tied=False)
     with torch.no_grad():

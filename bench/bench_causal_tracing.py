@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyses.causal_tracing import trace as CT  # noqa: E402
+from interpkit.analyses.causal_tracing import trace as CT  # noqa: E402
 from tests.causal_tracing_ref import ReferenceTracer  # noqa: E402
 
 SYNTHETIC = ROOT / "artifacts" / "models" / "synthetic-facts-gpt2"
@@ -49,7 +49,7 @@ def model_and_fact(name: str):
     from transformers import AutoModelForCausalLM
 
     from interpkit.models import tiny_config
-    from tasks import synthetic_facts as SF
+    from interpkit.tasks import synthetic_facts as SF
 
     tok = SF.build_tokenizer()
     if name == "synthetic":
@@ -78,7 +78,7 @@ def time_min(fn, reps: int) -> float:
 
 def prefix_limit_fn(lm, fact, cfg, level):
     """The plain forwards the prefix engine runs for ``fact`` (inputs prepared once, outside the timing)."""
-    from analyses.causal_tracing import prefix as CP
+    from interpkit.analyses.causal_tracing import prefix as CP
     from interpkit.engine.inside import apply_write, fill_write
     from interpkit.kv_cache import layer_kv, positions, prefix_cache
     from tests.causal_tracing_ref import hf_blocks

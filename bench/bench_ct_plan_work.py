@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.causal_tracing.trace import SEVERED_KINDS, BASE_KINDS, facts_of, grid  # noqa: E402
-from analyses.causal_tracing.prefix import first_layer, plan_fact  # noqa: E402
+from interpkit.analyses.causal_tracing.trace import SEVERED_KINDS, BASE_KINDS, facts_of, grid  # noqa: E402
+from interpkit.analyses.causal_tracing.prefix import first_layer, plan_fact  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from interpkit.gguf import converted_dir, resolve_builtin
-    from tasks.known_facts import build
+    from interpkit.tasks.known_facts import build
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(converted_dir(resolve_builtin("smollm2-135m")))

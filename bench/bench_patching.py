@@ -28,8 +28,8 @@ from dataclasses import replace
 
 import torch
 
-from analyses.patching.attribution import agreement, run_attribution
-from analyses.patching.sweep import PatchConfig, plan_chunks, run_patching
+from interpkit.analyses.patching.attribution import agreement, run_attribution
+from interpkit.analyses.patching.sweep import PatchConfig, plan_chunks, run_patching
 from interpkit import metrics as M
 
 
@@ -57,7 +57,7 @@ def build(seed: int = 0):
 
 
 def prompt_pairs(n_pairs: int, n_tokens: int, vocab: int, seed: int = 0):
-    from tasks.base import PromptSet
+    from interpkit.tasks.base import PromptSet
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, vocab, (n_pairs, n_tokens), generator=g)

@@ -71,7 +71,7 @@ def load(args):
 
 def ioi_pairs(lm, n_pairs: int):
     """The first ``n_pairs`` IOI pairs (seed 0) whose clean and corrupted prompts have no padding."""
-    from tasks import ioi
+    from interpkit.tasks import ioi
 
     n = 512
     while True:
@@ -84,7 +84,7 @@ def ioi_pairs(lm, n_pairs: int):
 
 
 def patch_cfg(site: str, args, **kw):
-    from analyses.patching.sweep import PatchConfig
+    from interpkit.analyses.patching.sweep import PatchConfig
 
     if site == "resid":
         return PatchConfig(site="resid_pre", max_rows=args.max_rows, **kw)
@@ -106,7 +106,7 @@ def sample_cells(lm, ps, site: str, k: int, seed: int = 0) -> list[tuple[int, in
 # rows: patching
 # --------------------------------------------------------------------------------------------------
 def row_engine(args, site: str, engine: str = "prefix") -> dict:
-    from analyses.patching.sweep import run_patching
+    from interpkit.analyses.patching.sweep import run_patching
 
     lm = load(args)
     ps = ioi_pairs(lm, args.pairs)
@@ -208,7 +208,7 @@ def row_tl(args, site: str) -> dict:
 # rows: causal tracing
 # --------------------------------------------------------------------------------------------------
 def trace_cfg(args, engine: str = "prefix"):
-    from analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing import trace as CT
 
     return CT.TraceConfig(kinds=list(CT.BASE_KINDS), severed=True, samples=args.ct_samples,
                           max_rows=args.ct_max_rows, engine=engine)
@@ -218,8 +218,8 @@ def row_ct_setup(args) -> dict:
     """The traced fact: the first of ``--ct-facts`` drawn known_1000 facts (seed 0) that the model knows
     (top-1 = the attribute's first token) with 8..12 tokens, and the noise level (3 sigma of their
     subject embeddings, as the CLI computes it over its dataset)."""
-    from analyses.causal_tracing import trace as CT
-    from tasks import known_facts as KF
+    from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.tasks import known_facts as KF
 
     lm = load(args)
     ps = KF.build(lm.tokenizer, n=args.ct_facts, seed=0)
@@ -234,8 +234,8 @@ def row_ct_setup(args) -> dict:
 
 
 def ct_fact(lm, args):
-    from analyses.causal_tracing import trace as CT
-    from tasks import known_facts as KF
+    from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.tasks import known_facts as KF
 
     records = KF.load_known()
     i = next(j for j, r in enumerate(records) if int(r.get("known_id", j)) == args.known_id)
@@ -244,7 +244,7 @@ def ct_fact(lm, args):
 
 
 def row_ct_engine(args) -> dict:
-    from analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing import trace as CT
 
     lm = load(args)
     fact = ct_fact(lm, args)
@@ -263,8 +263,8 @@ def row_ct_engine(args) -> dict:
 
 def _ct_forwards(lm, fact, args):
     """The batched engine's forwards for ``fact``: (jobs with their restorations, rows per forward, picked)."""
-    from analyses.causal_tracing import trace as CT
-    from analyses.causal_tracing.prefix import FactJob
+    from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing.prefix import FactJob
 
     cfg = trace_cfg(args, "batched")
     L = lm.arch.n_layers
@@ -278,7 +278,7 @@ def _ct_forwards(lm, fact, args):
 
 
 def row_ct_batched(args) -> dict:
-    from analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing import trace as CT
     from interpkit.engine.inside import trace_forward
 
     lm = load(args)
@@ -318,7 +318,7 @@ def row_ct_limit(args) -> dict:
 
 
 def row_ct_loop(args) -> dict:
-    from analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing import trace as CT
     from tests.causal_tracing_ref import ReferenceTracer
 
     lm = load(args)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from analyses.patching.sweep import PatchConfig, run_patching
-from tasks.permutations import parity_pairs
+from interpkit.analyses.patching.sweep import PatchConfig, run_patching
+from interpkit.tasks.permutations import parity_pairs
 from interpkit.models import load_model
 from interpkit.sites import site
 

@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.causal_tracing import command as CC  # noqa: E402
-from analyses.causal_tracing import facts as F  # noqa: E402
-from analyses.causal_tracing import trace as CT  # noqa: E402
-from tasks import synthetic_facts as SF  # noqa: E402
+from interpkit.analyses.causal_tracing import command as CC  # noqa: E402
+from interpkit.analyses.causal_tracing import facts as F  # noqa: E402
+from interpkit.analyses.causal_tracing import trace as CT  # noqa: E402
+from interpkit.tasks import synthetic_facts as SF  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
 TRAIN = dict(family="gpt2", n_layers=4, d_model=64, n_heads=4, steps=1000, batch=64, lr=3e-3, seed=0)
@@ -60,7 +60,7 @@ def loaded(hf, tok, name: str):
 
 
 def trace(lm, n_facts: int, figures: Path | None):
-    from tasks.known_facts import filter_known
+    from interpkit.tasks.known_facts import filter_known
 
     prompts = SF.prompt_set(lm.tokenizer, SF.make_facts())
     std, top1 = CT.dataset_pass(lm, prompts)

@@ -38,7 +38,7 @@ _SPECIALS = {
 
 
 def _training_lines() -> list[str]:
-    import tasks
+    from interpkit import tasks
 
     words = tasks.vocab_words()
     return tasks.corpus() + [" ".join(words)] * WORD_WEIGHT

@@ -199,7 +199,7 @@ def noise(name: str, value) -> None:
     """A noise rule, checked by the one parser the engines use (``analyses.causal_tracing.noise.parse_rule``)."""
     if value is None:
         return
-    from analyses.causal_tracing.noise import parse_rule
+    from interpkit.analyses.causal_tracing.noise import parse_rule
 
     try:
         parse_rule(value)
@@ -228,7 +228,7 @@ def demo_options(out: str) -> None:
 
 def train_options(recipe: str | None, output_dir: str, given: dict) -> dict:
     """Checks train's options; returns the recipe's config (empty without --recipe)."""
-    from analyses.state_tracking.training import TrainConfig
+    from interpkit.analyses.state_tracking.training import TrainConfig
 
     count("--n", given.get("n"), 2)
     for opt, key in (("--layers", "n_layers"), ("--d-model", "d_model"), ("--heads", "n_heads"),

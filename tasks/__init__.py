@@ -1,6 +1,6 @@
 """Prompt tasks: each builder turns a tokenizer into a PromptSet, ``build(tokenizer, n=..., seed=...)``.
 
-    from tasks import get_task
+    from interpkit.tasks import get_task
     prompts = get_task("ioi")(tokenizer, n=128, seed=0)
 
 ``corpus()`` is text covering every built-in task's vocabulary; the built-in tiny models' tokenizers are
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tasks import calendar, gender_pronoun, greater_than, ioi, known_facts
-from tasks.base import PromptSet
+from interpkit.tasks import calendar, gender_pronoun, greater_than, ioi, known_facts
+from interpkit.tasks.base import PromptSet
 
 Builder = Callable[..., PromptSet]
 
@@ -21,7 +21,7 @@ def _permutations(tokenizer, **kw) -> PromptSet:
     from interpkit.errors import UserError
 
     try:
-        from tasks import permutations
+        from interpkit.tasks import permutations
     except ImportError as e:
         raise UserError(f"the permutations task is not available: {e}") from e
     if not hasattr(permutations, "build"):
@@ -45,7 +45,7 @@ TASKS["permutations"] = _permutations
 def get_task(name: str) -> Builder:
     """The builder registered as ``name``, or for a ``.jsonl`` / ``.csv`` path one that loads that file
     (``tasks.custom``: your own prompts, answers and optional corrupted prompts / wrong answers / subjects)."""
-    from tasks.custom import builder, is_dataset_path
+    from interpkit.tasks.custom import builder, is_dataset_path
 
     if name not in TASKS and is_dataset_path(name):
         return builder(name)

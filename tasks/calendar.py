@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.base import PromptSet
-from tasks.tokenize import Span, first_token_id, make_prompt_set
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, first_token_id, make_prompt_set
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",

@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from interpkit.errors import UserError
-from tasks.base import PromptSet
-from tasks.tokenize import Span, encode, make_prompt_set, text_tokens
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, encode, make_prompt_set, text_tokens
 
 FIELDS = ("prompt", "answer", "corrupted_prompt", "wrong_answer", "subject")
 ALIASES = {"corrupted": "corrupted_prompt", "wrong": "wrong_answer"}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.base import PromptSet
-from tasks.tokenize import Span, make_prompt_set, single_token_id
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, make_prompt_set, single_token_id
 
 TEMPLATES = [
     "So {name} is a really great friend, isn't",

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.base import PromptSet
-from tasks.tokenize import Span, make_prompt_set, single_token_id, text_tokens
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, make_prompt_set, single_token_id, text_tokens
 
 NOUNS = [
     "abduction", "accord", "affair", "agreement", "appraisal", "assaults", "assessment", "attack", "attempts",

@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from interpkit.errors import UserError
-from tasks.base import PromptSet
-from tasks.tokenize import Span, fill, make_prompt_set, single_token_id
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, fill, make_prompt_set, single_token_id
 
 # Written in BABA form: [S] first. The prompt stops before the final " [IO]" (the answer).
 BABA_TEMPLATES = [

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from interpkit.errors import UserError
-from tasks.base import PromptSet
-from tasks.tokenize import Span, first_token_id, make_prompt_set
+from interpkit.tasks.base import PromptSet
+from interpkit.tasks.tokenize import Span, first_token_id, make_prompt_set
 
 SHA256 = "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"
 FIELDS = ("subject", "attribute", "prompt")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from tasks.base import PromptSet
+    from interpkit.tasks.base import PromptSet
 
 SUPERVISIONS = ("direct_state", "parity", "next_token", "scratchpad")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -459,7 +459,7 @@ def story_prompt_set(tokenizer, n_stories: int = 100, length: int = 16, n: int =
 
     meta: "states" and "actions" (index lists per story), "parity" (final-state parity).
     """
-    from tasks.base import PromptSet
+    from interpkit.tasks.base import PromptSet
 
     st = sample_stories(n_stories, length, n, seed=seed)
     ids, texts, first, last = story_tokens(st.actions, tokenizer, n, scratchpad)
@@ -486,7 +486,7 @@ def parity_pairs(tokenizer, n_stories: int = 64, length: int = 16, n: int = 3, *
     """Original stories and altered copies whose first action has the same ("same") or the other
     ("diff") parity; "both" alternates them. meta["pair_parity"] says which each row is.
     ``scratchpad``: each story carries its own true states (``scratchpad_sequence``)."""
-    from tasks.base import PromptSet
+    from interpkit.tasks.base import PromptSet
 
     g = symmetric_group(n)
     st = sample_stories(n_stories, length, n, seed=seed)

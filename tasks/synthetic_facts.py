@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.base import PromptSet
+from interpkit.tasks.base import PromptSet
 
 SPECIALS = ["<pad>", "<bos>", "<unk>"]
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]                       # 70 subject pieces

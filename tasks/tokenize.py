@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from interpkit.errors import UserError
-from tasks.base import PromptSet
+from interpkit.tasks.base import PromptSet
 
 Offsets = list[tuple[int, int]]
 

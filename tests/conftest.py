@@ -84,7 +84,7 @@ def calendar_lm(family: str = "gpt2", seed: int = 0):
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM
 
-    from analyses.demos.calendar import build_tokenizer
+    from interpkit.analyses.demos.calendar import build_tokenizer
     from interpkit.arch import Arch
     from interpkit.families import family_for
     from interpkit.models import LoadedModel, tiny_config
@@ -169,7 +169,7 @@ def hooked(lm, ids, mask, pos):
 # -- the CLI in this process -------------------------------------------------------------------------
 def run_cli(args: list[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``interpkit *args`` run in this process."""
-    import cli
+    from interpkit import cli
 
     out, err = io.StringIO(), io.StringIO()
     argv, sys.argv = sys.argv, ["interpkit", *args]

@@ -15,7 +15,10 @@ SCANNED = (*PACKAGES, "tests", "bench")                # where a private import 
 
 
 def _module_name(path: Path) -> str:
+    """The import name: tasks/, analyses/ and cli.py install inside the interpkit package."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] in ("tasks", "analyses", "cli"):
+        parts.insert(0, "interpkit")
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -115,7 +118,19 @@ def test_the_cycle_check_itself():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     graph = _graph()
-    assert "interpkit.validate" in graph["cli"]                 # a function-local `from interpkit import validate`
+    assert "interpkit.validate" in graph["interpkit.cli"]       # a function-local `from interpkit import validate`
+    assert "interpkit.analyses.patching.sweep" in graph["interpkit.analyses.patching.command"]
+
+
+def test_code_imports_the_namespaced_names_only():
+    """tasks/, analyses/ and cli.py install as interpkit.tasks, interpkit.analyses and interpkit.cli: an
+    import of the bare top-level name works in a checkout but breaks an installed wheel."""
+    bad = []
+    for name, path in _sources(SCANNED).items():
+        for base, _, line in _imports(name, path):
+            if base.split(".")[0] in ("tasks", "analyses", "cli"):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {base}")
+    assert not bad, "bare top-level imports (use interpkit.<name>):\n" + "\n".join(bad)
 
 
 def _test_module_imports(name: str, path: Path) -> list[tuple[str, int]]:

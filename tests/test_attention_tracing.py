@@ -7,20 +7,20 @@ import functools
 import pytest
 import torch
 
-from analyses.attention_tracing import graphs as gr
-from analyses.attention_tracing.decompose import collect, contributions, decompose, load_weights, logit_direction
-from analyses.attention_tracing.interventions import Edit, apply_edits, decompose_prompts, signal_removal
-from analyses.attention_tracing.omega import Omega
-from analyses.attention_tracing.reference import trace_prompt_reference
-from analyses.attention_tracing.signals import edge_signal, minimal_set, relative_scores
-from analyses.attention_tracing.trace import AttnTraceConfig, trace_prompt, trace_prompts
+from interpkit.analyses.attention_tracing import graphs as gr
+from interpkit.analyses.attention_tracing.decompose import collect, contributions, decompose, load_weights, logit_direction
+from interpkit.analyses.attention_tracing.interventions import Edit, apply_edits, decompose_prompts, signal_removal
+from interpkit.analyses.attention_tracing.omega import Omega
+from interpkit.analyses.attention_tracing.reference import trace_prompt_reference
+from interpkit.analyses.attention_tracing.signals import edge_signal, minimal_set, relative_scores
+from interpkit.analyses.attention_tracing.trace import AttnTraceConfig, trace_prompt, trace_prompts
 from tests.conftest import sharp, tiny
 
 
 
 @functools.lru_cache(maxsize=None)
 def ioi(family: str, n: int = 8):
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     return get_task("ioi")(tiny(family).tokenizer, n=n, seed=0)
 
@@ -279,7 +279,7 @@ def test_graph_unify_prune_export_round_trip(tmp_path):
 
 
 def test_precision_recall_f1_hand_example():
-    from analyses.attention_tracing.reference_circuits import IOI_GPT2_WANG2022, reference_heads
+    from interpkit.analyses.attention_tracing.reference_circuits import IOI_GPT2_WANG2022, reference_heads
 
     ref = reference_heads("ioi-gpt2-wang2022")
     assert len(ref) == 26 and sum(len(v) for v in IOI_GPT2_WANG2022.values()) == 26
@@ -344,7 +344,7 @@ def test_edge_interventions_are_engine_forwards_one_remote_request():
     readout records): several forwards equal the local run through nnsight's serialisation exactly, and
     through the loopback NDIF server in one request."""
     loopback = pytest.importorskip("interpkit.remote.loopback", reason="interpkit.remote.loopback not available")
-    from analyses.attention_tracing.interventions import edit_forward, signal_edits
+    from interpkit.analyses.attention_tracing.interventions import edit_forward, signal_edits
     from interpkit.engine.inside import ATTN_PATTERN, ATTN_SCORES
     from interpkit.remote import ensure_shipped
 
@@ -371,7 +371,7 @@ def test_edge_interventions_are_engine_forwards_one_remote_request():
 
 
 def test_commands_end_to_end(tmp_path):
-    from analyses.attention_tracing.command import attn_trace_command, circuit_command
+    from interpkit.analyses.attention_tracing.command import attn_trace_command, circuit_command
     from interpkit.errors import UserError
 
     out = []

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.attention_tracing.decompose import collect, decompose, load_weights
-from analyses.attention_tracing.omega import Omega
-from analyses.attention_tracing.signals import edge_signal
+from interpkit.analyses.attention_tracing.decompose import collect, decompose, load_weights
+from interpkit.analyses.attention_tracing.omega import Omega
+from interpkit.analyses.attention_tracing.signals import edge_signal
 from tests.conftest import tiny
 from tests.references.acc_selection import Reference, normalised_inputs
 
@@ -27,7 +27,7 @@ def calendar():
 
 
 def _model_and_prompts(name: str):
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     if name == "tiny:gpt2":
         lm = tiny("gpt2")
@@ -95,9 +95,9 @@ def test_centring_keeps_scores_and_skips_rmsnorm():
 
 
 def test_reference_circuits_and_bar_plot(tmp_path):
-    from analyses.attention_tracing import graphs as gr
-    from analyses.attention_tracing.reference_circuits import TASK_REFERENCES, reference_components
-    from analyses.attention_tracing.studies import plot_compare
+    from interpkit.analyses.attention_tracing import graphs as gr
+    from interpkit.analyses.attention_tracing.reference_circuits import TASK_REFERENCES, reference_components
+    from interpkit.analyses.attention_tracing.studies import plot_compare
 
     gt = reference_components("gt-gpt2-hanna2023")
     assert len(gt) == 12 and (8, "MLP") in gt and (9, 1) in gt               # 8 heads + MLPs 8-11
@@ -116,7 +116,7 @@ def test_reference_circuits_and_bar_plot(tmp_path):
 
 
 def test_average_linkage_and_control_heads():
-    from analyses.attention_tracing.studies import average_linkage, control_heads
+    from interpkit.analyses.attention_tracing.studies import average_linkage, control_heads
 
     import pandas as pd
 
@@ -135,7 +135,7 @@ def test_average_linkage_and_control_heads():
 
 def test_studies_on_the_calendar_model(tmp_path):
     """attn-trace (tokens as labels) -> intervene -> prune -> sparsity, control, sweep, compare, end to end."""
-    from analyses.attention_tracing.command import attn_trace_command, circuit_command
+    from interpkit.analyses.attention_tracing.command import attn_trace_command, circuit_command
 
     out = []
     s = attn_trace_command("days", CALENDAR, n=8, batch_size=8, labels="tokens", root=str(tmp_path),
@@ -143,7 +143,7 @@ def test_studies_on_the_calendar_model(tmp_path):
     run = s["run_dir"]
     import networkx as nx
 
-    from analyses.attention_tracing import graphs as gr
+    from interpkit.analyses.attention_tracing import graphs as gr
 
     G = gr.read_graphml(next((tmp_path / "attn_trace").glob("*/graphs/prompt_*.graphml")))
     roles = {a["dest_role"] for _, a in G.nodes(data=True)}
@@ -173,9 +173,9 @@ def _ref_file(tmp_path):
 
 
 def test_faithfulness_of_all_heads_is_the_model():
-    from analyses.attention_tracing.faithfulness import ablated_logit_diff, head_means
+    from interpkit.analyses.attention_tracing.faithfulness import ablated_logit_diff, head_means
     from interpkit.metrics import logit_diff
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = calendar()
     prompts = get_task("days")(lm.tokenizer, n=8)
@@ -192,7 +192,7 @@ def test_omega_through_a_remote_session_equals_local():
     """Omega's factors and cores computed in ONE loopback-NDIF session (weights never read locally) equal the
     local ones, and tracing with them gives identical selections."""
     loopback = pytest.importorskip("interpkit.remote.loopback", reason="interpkit.remote.loopback not available")
-    from analyses.attention_tracing.remote_omega import omega_from_remote
+    from interpkit.analyses.attention_tracing.remote_omega import omega_from_remote
     from interpkit.arch import Arch
     from interpkit.remote import ensure_shipped
 
@@ -219,7 +219,7 @@ def test_omega_through_a_remote_session_equals_local():
             for delta in (0, 3):
                 sa, sb = local.core(side, delta)[1], remote.core(side, delta)[1]
                 assert (sa - sb).abs().max() < 1e-6 * sa.max()
-        from tasks import get_task
+        from interpkit.tasks import get_task
 
         prompts = get_task("ioi")(lm.tokenizer, n=1, seed=0)
         acts, w = collect(lm, prompts.batch()), load_weights(lm.arch)

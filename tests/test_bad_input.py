@@ -220,7 +220,7 @@ def test_debug_flag_shows_the_traceback(workspace, monkeypatch):
 
 
 def test_an_unexpected_error_is_one_line_with_exit_1(workspace, monkeypatch):
-    import analyses.patching.command as P
+    import interpkit.analyses.patching.command as P
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from analyses.causal_tracing import trace as CT
-from analyses.causal_tracing.noise import NoiseModel, build_noise_model, corrupt, gaussian_model, parse_rule
+from interpkit.analyses.causal_tracing import trace as CT
+from interpkit.analyses.causal_tracing.noise import NoiseModel, build_noise_model, corrupt, gaussian_model, parse_rule
 from interpkit.errors import UserError
 from tests.conftest import tiny
 
@@ -79,7 +79,7 @@ def test_t_rule_has_heavier_tails_and_the_same_covariance():
 
 def test_sigma_rules_and_replace_reuse_the_additive_draws():
     lm = tiny("gpt2")
-    from tasks.known_facts import build
+    from interpkit.tasks.known_facts import build
 
     ps = build(lm.tokenizer, n=12, seed=3)
     f = CT.facts_of(ps)[0]
@@ -114,7 +114,7 @@ def test_corrupt_is_exact():
 def test_replace_puts_exactly_another_subjects_embedding_in(engine):
     """The corrupted rows see another subject's token embeddings bit for bit: their answer probability
     equals a plain forward of the prompt with the subject's tokens swapped for that subject's."""
-    from tasks.known_facts import build
+    from interpkit.tasks.known_facts import build
 
     lm = tiny("gpt2")
     ps = build(lm.tokenizer, n=40, seed=5)
@@ -142,7 +142,7 @@ def test_replace_puts_exactly_another_subjects_embedding_in(engine):
 
 def _known_file(tmp_path, lm, n_try=120):
     """A known_1000-format file of prompts whose attribute is the tiny model's own top-1 (so it 'knows' them)."""
-    from tasks.known_facts import load_known
+    from interpkit.tasks.known_facts import load_known
 
     records = []
     for r in load_known()[:n_try]:
@@ -159,7 +159,7 @@ def _known_file(tmp_path, lm, n_try=120):
 
 
 def test_cli_fact_file_noise_rules_and_bad_input(tmp_path, monkeypatch, capsys):
-    import cli
+    from interpkit import cli
 
     lm = tiny("gpt2")
     path, n_known = _known_file(tmp_path, lm)

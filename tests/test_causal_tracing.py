@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.causal_tracing import command as CC
-from analyses.causal_tracing import trace as CT
+from interpkit.analyses.causal_tracing import command as CC
+from interpkit.analyses.causal_tracing import trace as CT
 from interpkit.errors import UserError
 from tests.causal_tracing_ref import ReferenceTracer
 from tests.conftest import FAMILIES, sharp, tiny
@@ -24,7 +24,7 @@ sharp_frozen = functools.partial(sharp, init=0.3, seed=1, frozen=True)
 
 @functools.lru_cache(maxsize=None)
 def facts(family: str, n: int = 2):
-    from tasks.known_facts import build
+    from interpkit.tasks.known_facts import build
 
     return build(tiny(family).tokenizer, n=n, seed=3)
 
@@ -210,7 +210,7 @@ def test_prefix_plan_skips_what_cannot_change():
     """The prefix engine's plan: restorations before the subject, or at the last layer away from the last
     token, are not computed; clipped windows that coincide are computed once; what is computed starts at
     the restored token and (hidden) after the restored layer."""
-    from analyses.causal_tracing.prefix import first_layer, plan_fact
+    from interpkit.analyses.causal_tracing.prefix import first_layer, plan_fact
 
     T, L, a, S = 9, 6, 2, 10
     rest = CT.grid(list(CT.BASE_KINDS), T, L)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
+from interpkit.analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 from interpkit.remote.loopback import frozen
 from tests.conftest import calendar_lm, server_threads
@@ -62,9 +62,9 @@ def _hook_reference(lm, prompts, row: int, layer: int, vector: torch.Tensor, can
 
 
 def test_interventions_equal_plain_hooks():
-    from analyses.circles.features import answer_candidates, meta_tensor
-    from analyses.probing.linear import collect_residuals
-    from tasks import get_task
+    from interpkit.analyses.circles.features import answer_candidates, meta_tensor
+    from interpkit.analyses.probing.linear import collect_residuals
+    from interpkit.tasks import get_task
 
     lm = calendar_lm()
     prompts = get_task("days")(lm.tokenizer)
@@ -96,7 +96,7 @@ def test_circle_edits_are_engine_writes():
     """Each intervention method is one engine ``Write`` (interpkit.engine.inside), whose new fields do what
     the methods need: rows of a value table (``take``), sources at other positions (``src_pos``) and a
     replaced subspace component (``basis``); the final residual is the ``final_in`` site."""
-    from analyses.circles.features import circle_writes
+    from interpkit.analyses.circles.features import circle_writes
     from interpkit.engine.inside import FINAL_IN, Write, apply_write, fill_write
 
     g = torch.Generator().manual_seed(0)
@@ -133,7 +133,7 @@ def test_circle_edits_are_engine_writes():
 
 
 def test_result_tables_and_plots(tmp_path):
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = calendar_lm()
     prompts = get_task("months")(lm.tokenizer)
@@ -148,7 +148,7 @@ def test_result_tables_and_plots(tmp_path):
 
 
 def test_bad_options_are_user_errors():
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = calendar_lm()
     prompts = get_task("days")(lm.tokenizer)
@@ -164,9 +164,9 @@ def test_bad_options_are_user_errors():
 @pytest.mark.skipif(not DEMO.exists(), reason="artifacts/models/calendar-demo not built")
 @pytest.mark.parametrize("task", ["days", "months"])
 def test_trained_demo_model_has_a_causal_circle(task):
-    from analyses.probing.linear import random_like
+    from interpkit.analyses.probing.linear import random_like
     from interpkit.models import load_model
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = load_model(str(DEMO))
     prompts = get_task(task)(lm.tokenizer)
@@ -181,7 +181,7 @@ def test_trained_demo_model_has_a_causal_circle(task):
 
 
 def _remote_equals_local(remote_lm, lm, freeze: bool):
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     prompts = get_task("days")(lm.tokenizer)
     cfg = CircleConfig(layers=[0, 1], targets_per_problem=2, max_rows=150)   # 4 forwards: one session
@@ -210,7 +210,7 @@ def test_loopback_ndif_equals_local():
 
 
 def test_circle_command_writes_run(tmp_path, capsys):
-    from analyses.circles.command import circle_command
+    from interpkit.analyses.circles.command import circle_command
 
     lm = calendar_lm()
     cfg = CircleConfig(layers=[0], targets_per_problem=1, methods=("circle", "layer"))

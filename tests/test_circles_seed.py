@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
+from interpkit.analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
@@ -20,7 +20,7 @@ needs_demo = pytest.mark.skipif(not DEMO.exists(), reason="artifacts/models/cale
 @functools.lru_cache(maxsize=None)
 def demo():
     from interpkit.models import load_model
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = load_model(str(DEMO))
     return lm, get_task("days")(lm.tokenizer)
@@ -64,7 +64,7 @@ def test_interventions_on_the_result_token():
 
 @needs_demo
 def test_sweep_inside_the_circle():
-    from analyses.circles.features import circle_sweep
+    from interpkit.analyses.circles.features import circle_sweep
 
     lm, prompts = demo()
     fit = run_circles(lm, prompts, CircleConfig(intervene=False)).fit
@@ -83,7 +83,7 @@ def test_sweep_inside_the_circle():
 
 
 def test_deconstruction_on_synthetic_features():
-    from analyses.circles.studies import deconstruct, features, rgb_image
+    from interpkit.analyses.circles.studies import deconstruct, features, rgb_image
 
     g = np.random.default_rng(0)
     a, b = np.repeat(np.arange(7), 7), np.tile(np.arange(1, 8), 7)
@@ -100,8 +100,8 @@ def test_deconstruction_on_synthetic_features():
 
 @needs_demo
 def test_deconstruction_of_the_demo_model():
-    from analyses.circles.studies import deconstruct
-    from analyses.probing.linear import collect_residuals
+    from interpkit.analyses.circles.studies import deconstruct
+    from interpkit.analyses.probing.linear import collect_residuals
 
     lm, prompts = demo()
     acts = collect_residuals(lm, prompts, prompts.roles["end"])
@@ -113,7 +113,7 @@ def test_deconstruction_of_the_demo_model():
 
 @needs_demo
 def test_circle_command_with_sweep_and_rgb(tmp_path, capsys):
-    from analyses.circles.command import circle_command
+    from interpkit.analyses.circles.command import circle_command
 
     lm, prompts = demo()
     cfg = CircleConfig(layers=[0], targets_per_problem=1, methods=("circle",))
@@ -132,7 +132,7 @@ def test_circle_command_with_sweep_and_rgb(tmp_path, capsys):
 
 
 def test_reducibility_command(tmp_path):
-    from analyses.circles.irreducibility import reducibility_command
+    from interpkit.analyses.circles.irreducibility import reducibility_command
 
     lines = []
     out = reducibility_command(None, n=400, root=str(tmp_path), echo=lines.append)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.circles.irreducibility import (epsilon_mixture_index, irreducibility, mutual_information, separability_index,
+from interpkit.analyses.circles.irreducibility import (epsilon_mixture_index, irreducibility, mutual_information, separability_index,
                                      synthetic_cloud)
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from analyses.causal_tracing import facts as F
-from analyses.causal_tracing import trace as CT
-from analyses.causal_tracing import known_facts_scan as K
+from interpkit.analyses.causal_tracing import facts as F
+from interpkit.analyses.causal_tracing import trace as CT
+from interpkit.analyses.causal_tracing import known_facts_scan as K
 
 SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
@@ -17,7 +17,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthe
 @functools.lru_cache(maxsize=None)
 def model_and_facts():
     from interpkit.models import load_model
-    from tasks.synthetic_facts import make_facts, prompt_set
+    from interpkit.tasks.synthetic_facts import make_facts, prompt_set
 
     lm = load_model(str(SHIPPED))
     return lm, prompt_set(lm.tokenizer, make_facts())

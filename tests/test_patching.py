@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.patching.attribution import agreement, run_attribution
-from analyses.patching.sweep import PatchConfig, PatchResult, run_patching
+from interpkit.analyses.patching.attribution import agreement, run_attribution
+from interpkit.analyses.patching.sweep import PatchConfig, PatchResult, run_patching
 from interpkit import metrics as M
 from interpkit.errors import UserError
-from tasks.base import PromptSet
+from interpkit.tasks.base import PromptSet
 from tests.conftest import FAMILIES, tiny
 
 P, T = 3, 6
@@ -370,7 +370,7 @@ def stored_values(summary: dict, method: str = "exact"):
 
 
 def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.patching.command import patch_command
     from interpkit.engine import inside as engine
     from interpkit.store import RunStore
 
@@ -405,7 +405,7 @@ def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
 
 
 def test_patch_command_prefix_reuse_equals_engine(tmp_path, monkeypatch):
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.patching.command import patch_command
 
     kw = dict(task="gp", model="tiny:llama", site="mlp", n=3, echo=lambda line: None)
     a = patch_command(**kw, root=str(tmp_path / "a"), engine="full")
@@ -431,7 +431,7 @@ def test_patch_command_prefix_reuse_equals_engine(tmp_path, monkeypatch):
     (dict(by="head"), "--by head needs --site head"),
 ])
 def test_patch_command_bad_options(kwargs, message, tmp_path):
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.patching.command import patch_command
 
     args = {"task": "gp", "model": "tiny:gpt2", "n": 2, "root": str(tmp_path), **kwargs}
     with pytest.raises(UserError, match=message):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.permutations import (Stories, add_permutation_tokens, build_tokenizer, compose, encode_actions,
+from interpkit.tasks.permutations import (Stories, add_permutation_tokens, build_tokenizer, compose, encode_actions,
                                 export_dataset, inversion_parity, load_split, make_labels, perm_token_ids,
                                 run_states, sample_stories, save_split, special_prefix, stories_to_text, story_prompt_set,
                                 symmetric_group, text_to_actions, topic_model_stories)

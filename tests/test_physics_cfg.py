@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tasks.cfg import CFGConfig, brute_force_parses, dp_labels, encode, parse, random_grammar, sample
+from interpkit.tasks.cfg import CFGConfig, brute_force_parses, dp_labels, encode, parse, random_grammar, sample
 
 
 @pytest.fixture(scope="module")

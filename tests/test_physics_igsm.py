@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from tasks.igsm import IGSMConfig, evaluate_solution, sample_problems, with_mistake
+from interpkit.tasks.igsm import IGSMConfig, evaluate_solution, sample_problems, with_mistake
 
 
 def _direct_value(pr, q, p):
@@ -53,7 +53,7 @@ def test_mistakes_with_retry_still_solve():
 
 
 def test_probe_labels():
-    from analyses.physics.igsm_probe import mistake_pairs, probe_items
+    from interpkit.analyses.physics.igsm_probe import mistake_pairs, probe_items
 
     cfg = IGSMConfig()
     probs = sample_problems(cfg, 50, seed=6)
@@ -68,7 +68,7 @@ def test_probe_labels():
 
 
 def test_physics_training_resumes_identically(tmp_path):
-    from analyses.physics.train import PhysicsTrainConfig, train
+    from interpkit.analyses.physics.train import PhysicsTrainConfig, train
 
     kw = dict(task="igsm", task_options={"n_vars": 4, "n_leaves": 2}, n_layers=1, d_model=16, n_heads=2,
               max_positions=96, steps=4, batch_size=4, warmup_steps=1, progress=False, save_every=2, log_every=1)

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from analyses.probing.linear import (LengthwiseResult, ProbeConfig, ProbeResult, collect_residuals, lengthwise_probe,
+from interpkit.analyses.probing.linear import (LengthwiseResult, ProbeConfig, ProbeResult, collect_residuals, lengthwise_probe,
                               fit_probes, probe_activations, probe_layers, prompt_split)
 
 
@@ -209,7 +209,7 @@ def test_loopback_ndif_equals_local():
 
 
 def test_probe_command_writes_run(tmp_path, capsys):
-    from analyses.probing.command import probe_command
+    from interpkit.analyses.probing.command import probe_command
     from tests.conftest import calendar_lm
 
     lm = calendar_lm()
@@ -224,8 +224,8 @@ def test_probe_command_writes_run(tmp_path, capsys):
 
 
 def test_labels_from_meta_per_position_and_strings():
-    from analyses.probing.linear import labels_from_meta
-    from tasks.base import PromptSet
+    from interpkit.analyses.probing.linear import labels_from_meta
+    from interpkit.tasks.base import PromptSet
 
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
@@ -239,7 +239,7 @@ def test_labels_from_meta_per_position_and_strings():
 def test_entity_split_keeps_each_entity_on_one_side_and_stops_memorisation():
     """A label that belongs to an entity (a name's gender): prompts of one entity share a vector, so a
     prompt-level split lets the probe recognise entities it trained on; the entity-level split cannot."""
-    from analyses.probing.linear import group_split
+    from interpkit.analyses.probing.linear import group_split
 
     g = torch.Generator().manual_seed(0)
     E, per, d = 40, 5, 128
@@ -260,7 +260,7 @@ def test_entity_split_keeps_each_entity_on_one_side_and_stops_memorisation():
     with pytest.raises(Exception, match="at least 2 distinct"):
         group_split(["a"] * 5, 0.2, 0)
     # K-fold by entity: every entity tested exactly once, never in its own training set; same verdict
-    from analyses.probing.linear import group_folds
+    from interpkit.analyses.probing.linear import group_folds
 
     folds = group_folds(groups, 5, seed=0)
     tested = torch.cat([te for _, te in folds]).sort().values
@@ -274,14 +274,14 @@ def test_entity_split_keeps_each_entity_on_one_side_and_stops_memorisation():
 
 
 def test_probe_command_split_by_a_field(tmp_path, capsys):
-    from analyses.probing.command import probe_command
+    from interpkit.analyses.probing.command import probe_command
     from interpkit.errors import UserError
     from interpkit.models import load_model
 
     lm = load_model("tiny:gpt2")
     res = probe_command("tiny:gpt2", "gp", ["gender"], positions="name", lm=lm, root=str(tmp_path), n=100,
                         cfg=ProbeConfig(max_iter=30), split_by="name")
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     names = get_task("gp")(lm.tokenizer, n=100, seed=0).meta["name"]
     assert {names[i] for i in res.test_prompts.tolist()}.isdisjoint({names[i] for i in res.train_prompts.tolist()})

@@ -10,9 +10,9 @@ import functools
 import pytest
 import torch
 
-from analyses.patching.sweep import PatchConfig, role_effect, run_patching
+from interpkit.analyses.patching.sweep import PatchConfig, role_effect, run_patching
 from interpkit.metrics import logit_diff
-from tasks import get_task
+from interpkit.tasks import get_task
 from tests.conftest import real
 
 pytestmark = pytest.mark.real
@@ -79,8 +79,8 @@ def test_engine_equals_full_engine_and_loopback():
 
 
 def test_causal_tracing_restore_all_equals_clean():
-    from analyses.causal_tracing import trace as CT
-    from tasks.known_facts import build
+    from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.tasks.known_facts import build
 
     lm = real()
     ps = build(lm.tokenizer, n=40, seed=0)

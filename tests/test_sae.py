@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from analyses.sae.cluster import circle_fit, graph_clusters, labels_to_clusters, spectral_clusters
-from analyses.sae.load import SAE, SAESpec, load_sae, save_sae
-from analyses.sae.train import SAETrainConfig, calendar_text, collect, sae_stats, train_sae
+from interpkit.analyses.sae.cluster import circle_fit, graph_clusters, labels_to_clusters, spectral_clusters
+from interpkit.analyses.sae.load import SAE, SAESpec, load_sae, save_sae
+from interpkit.analyses.sae.train import SAETrainConfig, calendar_text, collect, sae_stats, train_sae
 from interpkit.errors import UserError
 from tests.conftest import tiny
 

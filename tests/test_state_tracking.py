@@ -6,11 +6,11 @@ import json
 
 import torch
 
-from analyses.demos.state_tracking import SHIPPED
-from analyses.patching.sweep import PatchConfig, run_patching
-from analyses.probing.linear import ProbeConfig, collect_residuals, probe_layers
-from analyses.state_tracking.signature import prefix_boundary, signature
-from tasks.permutations import encode_actions, parity_pairs, run_states, sample_stories, symmetric_group
+from interpkit.analyses.demos.state_tracking import SHIPPED
+from interpkit.analyses.patching.sweep import PatchConfig, run_patching
+from interpkit.analyses.probing.linear import ProbeConfig, collect_residuals, probe_layers
+from interpkit.analyses.state_tracking.signature import prefix_boundary, signature
+from interpkit.tasks.permutations import encode_actions, parity_pairs, run_states, sample_stories, symmetric_group
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +52,7 @@ def test_signature_reads_the_evidence():
 
 
 def test_demo_model_tracks_state_at_training_length():
-    from analyses.state_tracking.training import evaluate
+    from interpkit.analyses.state_tracking.training import evaluate
 
     lm, T = demo_model(), recipe()["config"]["train_len"]
     ev = evaluate(lm.hf, lm.tokenizer, n=3, length=T, n_stories=500, seed=31337)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from interpkit.errors import UserError
-from analyses.state_tracking.training import (TrainConfig, token_maps, evaluate, make_batch, random_position_ids,
+from interpkit.analyses.state_tracking.training import (TrainConfig, token_maps, evaluate, make_batch, random_position_ids,
                                 skipped_layers, step_length, train)
-from tasks.permutations import build_tokenizer, data_command, load_topic_mapping, sample_stories, symmetric_group
+from interpkit.tasks.permutations import build_tokenizer, data_command, load_topic_mapping, sample_stories, symmetric_group
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
 
@@ -26,7 +26,7 @@ def tiny(tmp: Path | None = None, **kw) -> TrainConfig:
 
 
 def _cli(monkeypatch, capsys, *args):
-    import cli
+    from interpkit import cli
 
     monkeypatch.setattr(sys, "argv", ["interpkit", *args])
     with pytest.raises(SystemExit) as e:
@@ -122,7 +122,7 @@ def test_bfloat16_train_and_eval():
 
 
 def test_early_stopping_exports_the_best_and_save_every_keeps_all(tmp_path, monkeypatch):
-    import analyses.state_tracking.training as T
+    import interpkit.analyses.state_tracking.training as T
 
     losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.1])
     monkeypatch.setattr(T, "validation_loss", lambda *a, **k: (next(losses), 0.0))
@@ -205,7 +205,7 @@ def test_eval_cli_skip_layers_random_baseline_and_lengthwise(tmp_path, monkeypat
 def test_looped_training_exports_an_ordinary_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from analyses.state_tracking.training import decoder_layers
+    from interpkit.analyses.state_tracking.training import decoder_layers
 
     res = train(tiny(tmp_path, arch="neox", rotary_pct=1.0, tie_layers=True, n_layers=3, steps=2, bos=True), resume=False)
     live = decoder_layers(res.model)
@@ -226,7 +226,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models"
 
 
 def test_scratchpad_layout_is_next_token_prediction_of_the_states():
-    from tasks.permutations import make_labels, run_states, scratchpad_sequence
+    from interpkit.tasks.permutations import make_labels, run_states, scratchpad_sequence
 
     st = sample_stories(32, 7, 3, seed=1)
     seq, lab = scratchpad_sequence(st.actions, 3), make_labels(st.actions, 3, "scratchpad")
@@ -239,7 +239,7 @@ def test_scratchpad_layout_is_next_token_prediction_of_the_states():
 
 def test_scratchpad_generation_matches_text_fed_back_by_hand():
     """``evaluate(scratchpad=True)`` feeds greedy states back; redo it from story text through the tokenizer."""
-    from analyses.state_tracking.training import state_logits, build_model
+    from interpkit.analyses.state_tracking.training import state_logits, build_model
 
     cfg = tiny(supervision="scratchpad", arch="mistral", window=2, bos=True)
     model, tok = build_model(cfg)
@@ -274,7 +274,7 @@ def test_scratchpad_with_a_two_token_window_generalises_in_length():
 @pytest.mark.parametrize("group", [3, 5])
 def test_shipped_scratchpad_models_keep_state_at_twice_the_length(group):
     from interpkit.models import load_model
-    from analyses.state_tracking.training import evaluate_length_generalization
+    from interpkit.analyses.state_tracking.training import evaluate_length_generalization
 
     path = SHIPPED / f"s{group}-scratchpad"
     recipe = json.loads((path / "recipe.json").read_text())["config"]

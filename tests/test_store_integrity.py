@@ -203,7 +203,7 @@ def test_remote_and_local_runs_of_one_config_are_kept_apart(tmp_path, monkeypatc
 
 def test_remote_patch_run_does_not_reuse_a_local_one(tmp_path):
     """The reported bug: a --remote run in a folder holding the same local run sent 0 requests."""
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.patching.command import patch_command
     from interpkit.models import load_model
     from interpkit.remote.loopback import LoopbackNDIF
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import tasks
+from interpkit import tasks
 from interpkit.errors import UserError
 from interpkit.tokenizers import STYLES, build_tokenizer, tokenizer_json
-from tasks import calendar, known_facts
-from tasks.tokenize import single_token_id, text_tokens
+from interpkit.tasks import calendar, known_facts
+from interpkit.tasks.tokenize import single_token_id, text_tokens
 
 BUILT_IN = ["ioi", "gt", "gp", "days", "months", "facts"]
 
@@ -180,7 +180,7 @@ def _word_level(words: list[str]):
 
 
 def test_ioi_filters_multi_token_names():
-    from tasks import ioi
+    from interpkit.tasks import ioi
 
     known = ioi.NAMES[::2]                       # half of the names are unknown (<unk>) words
     words = " ".join(ioi.BABA_TEMPLATES + ioi.PLACES + ioi.OBJECTS).replace("[", " ").replace("]", " ")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.tools.attention import detect_heads, dest_profile, repeated_tokens, role_attention
-from analyses.tools.cache import cache
+from interpkit.analyses.tools.attention import detect_heads, dest_profile, repeated_tokens, role_attention
+from interpkit.analyses.tools.cache import cache
 from interpkit.errors import UserError
-from tasks import get_task
+from interpkit.tasks import get_task
 from tests.conftest import tiny
 
 V, P, N = 64, 32, 8                           # vocabulary, positions, length of the repeated block
@@ -130,7 +130,7 @@ def test_s3_demo_final_position_attention(tmp_path):
     path = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
     if not (path / "config.json").exists():
         pytest.skip("the S3 demo model is not shipped in this checkout")
-    from analyses.tools.command import attention_command
+    from interpkit.analyses.tools.command import attention_command
     from interpkit.models import load_model
 
     lm = load_model(str(path))

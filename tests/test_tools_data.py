@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.tools.scoring import answer_logprobs
+from interpkit.analyses.tools.scoring import answer_logprobs
 from interpkit.errors import UserError
-from tasks import get_task
-from tasks.custom import read_dataset
+from interpkit.tasks import get_task
+from interpkit.tasks.custom import read_dataset
 from tests.conftest import tiny
 
 FACTS_MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
@@ -108,7 +108,7 @@ def test_teacher_forced_logprob_equals_a_per_row_reference(tmp_path, family):
 def synthetic_jsonl(path: Path, n: int = 4) -> str:
     """Facts of the shipped synthetic-facts model with two-token answers (attribute + one more word) and a
     corrupted prompt about another subject of the same token length."""
-    from tasks.synthetic_facts import make_facts
+    from interpkit.tasks.synthetic_facts import make_facts
 
     facts = [f for f in make_facts() if f.relation == "city"]
     rows = []
@@ -123,12 +123,12 @@ def synthetic_jsonl(path: Path, n: int = 4) -> str:
 
 @pytest.mark.skipif(not (FACTS_MODEL / "config.json").exists(), reason="synthetic-facts model not shipped")
 def test_multi_token_dataset_through_patching_and_causal_tracing(tmp_path):
-    from analyses.causal_tracing.command import causal_trace_command
-    from analyses.patching.command import patch_command
+    from interpkit.analyses.causal_tracing.command import causal_trace_command
+    from interpkit.analyses.patching.command import patch_command
 
     from typer.testing import CliRunner
 
-    from cli import app
+    from interpkit.cli import app
 
     data = synthetic_jsonl(tmp_path / "facts.jsonl")
     quiet = lambda *a, **k: None  # noqa: E731
@@ -171,8 +171,8 @@ def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family)
     """Patching with multi-token answers: the base and source metrics are the teacher-forced summed
     log-probability of the answer minus the wrong answer (checked against the scoring tool), and the
     default engine equals the plain full-forward engine on every cell."""
-    from analyses.patching.sweep import PatchConfig, run_patching
-    from tasks.base import append_tokens
+    from interpkit.analyses.patching.sweep import PatchConfig, run_patching
+    from interpkit.tasks.base import append_tokens
 
     lm = tiny(family)
     ps, rep = read_dataset(write(tmp_path / "pairs.jsonl", PAIRS), lm.tokenizer)
@@ -209,7 +209,7 @@ def test_multi_token_causal_tracing_scores_the_whole_answer(tmp_path, family):
     every restoration, and restoring layer 0's output from the subject on gives the clean score."""
     import math
 
-    from analyses.causal_tracing.trace import TraceConfig, run_causal_tracing
+    from interpkit.analyses.causal_tracing.trace import TraceConfig, run_causal_tracing
 
     lm = tiny(family)
     ps, _ = read_dataset(write(tmp_path / "facts.jsonl", FACT_ROWS), lm.tokenizer, need_subject=True)
@@ -227,7 +227,7 @@ def test_multi_token_causal_tracing_scores_the_whole_answer(tmp_path, family):
         end = len(fact.ids) + len(ps.meta["answer_seq"][fact.index]) - 1
         return [(tuple((0, "hidden", p, "clean") for p in range(fact.subject_first, end)),)]
 
-    from analyses.causal_tracing.trace import facts_of, trace_facts
+    from interpkit.analyses.causal_tracing.trace import facts_of, trace_facts
 
     restored = trace_facts(lm, facts_of(ps), TraceConfig(**cfg), 0.5, answers=ps.sequences("answer"),
                            restorations=everything)

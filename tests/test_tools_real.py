@@ -6,12 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from analyses.tools.attention import detect_heads
-from analyses.tools.cache import cache
-from analyses.tools.dla import dla
-from analyses.tools.logit_lens import logit_lens
-from analyses.tools.steering import steer
-from tasks import get_task
+from interpkit.analyses.tools.attention import detect_heads
+from interpkit.analyses.tools.cache import cache
+from interpkit.analyses.tools.dla import dla
+from interpkit.analyses.tools.logit_lens import logit_lens
+from interpkit.analyses.tools.steering import steer
+from interpkit.tasks import get_task
 from tests.conftest import hf_inputs, hooked
 
 pytestmark = pytest.mark.real

@@ -7,14 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from analyses.tools.attention import detect_heads, role_attention
-from analyses.tools.cache import cache
-from analyses.tools.dla import dla
-from analyses.tools.logit_lens import logit_lens
-from analyses.tools.steering import steer
+from interpkit.analyses.tools.attention import detect_heads, role_attention
+from interpkit.analyses.tools.cache import cache
+from interpkit.analyses.tools.dla import dla
+from interpkit.analyses.tools.logit_lens import logit_lens
+from interpkit.analyses.tools.steering import steer
 from interpkit.errors import UserError
 from interpkit.remote.loopback import frozen
-from tasks import get_task
+from interpkit.tasks import get_task
 from tests.conftest import tiny
 
 POS, NEG = ["Mary is happy and glad", "John loves it"], ["Mary is sad and angry", "John hates it"]
@@ -58,7 +58,7 @@ def test_attention_remote_equal_local():
     local, remote, n = both(lm, lambda m: detect_heads(m, n_tokens=6, batch=2))
     assert n == 1 and torch.equal(local.scores, remote.scores)
     # the whole attention command (patterns, two role pairs, a profile, detectors) is one request
-    import analyses.tools.command as C
+    import interpkit.analyses.tools.command as C
 
     def command(m, tmp):
         load, C.load = C.load, lambda *a, **k: m
@@ -118,7 +118,7 @@ def test_steering_vector_and_remote_single_request():
 def test_cli_commands_store_runs(tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from interpkit.cli import app
 
     runner = CliRunner()
     base = ["--model", "tiny:gpt2", "--out", str(tmp_path)]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.tools.cache import CACHE_SITES, cache, estimate_bytes
-from analyses.tools.dla import dla
-from analyses.tools.logit_lens import logit_lens
+from interpkit.analyses.tools.cache import CACHE_SITES, cache, estimate_bytes
+from interpkit.analyses.tools.dla import dla
+from interpkit.analyses.tools.logit_lens import logit_lens
 from interpkit.errors import UserError
-from tasks import get_task
+from interpkit.tasks import get_task
 from tests.conftest import FAMILIES, hf_inputs, hooked, tiny
 
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "Then, Alice said to"]

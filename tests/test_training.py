@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.state_tracking.training import (TrainConfig, cutoff, evaluate, evaluate_length_generalization,
+from interpkit.analyses.state_tracking.training import (TrainConfig, cutoff, evaluate, evaluate_length_generalization,
                                 latest_checkpoint, make_batch, plot_accuracy, train)
-from tasks.permutations import build_tokenizer, perm_token_ids, symmetric_group
+from interpkit.tasks.permutations import build_tokenizer, perm_token_ids, symmetric_group
 
 DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
 
@@ -36,7 +36,7 @@ def test_schedule_and_curriculum():
 
 def test_batches_depend_only_on_seed_and_step():
     tok = build_tokenizer(3)
-    from analyses.state_tracking.training import token_maps
+    from interpkit.analyses.state_tracking.training import token_maps
     maps = token_maps(tok, 3)
     cfg = tiny(None)
     a, b = make_batch(cfg, 5, maps), make_batch(cfg, 5, maps)
@@ -111,7 +111,7 @@ def test_shipped_demo_model_tracks_state():
 def test_demo_config_is_the_shipped_recipe():
     from dataclasses import asdict
 
-    from analyses.state_tracking.training import demo_config
+    from interpkit.analyses.state_tracking.training import demo_config
 
     shipped = TrainConfig.from_dict(json.loads((DEMO / "recipe.json").read_text())["config"])
     mine = demo_config(shipped.output_dir, progress=shipped.progress)
@@ -119,7 +119,7 @@ def test_demo_config_is_the_shipped_recipe():
 
 
 def test_train_demo_writes_hf_model_recipe_and_plot(tmp_path):
-    from analyses.state_tracking.training import train_demo
+    from interpkit.analyses.state_tracking.training import train_demo
 
     r = train_demo(tmp_path, progress=False, n_layers=1, d_model=16, n_heads=2, steps=3, eval_every=3,
                    eval_stories=16, target_acc=None, log_every=1)

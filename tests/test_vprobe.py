@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analyses.probing.vprobe import VProbeConfig, run_vprobe
+from interpkit.analyses.probing.vprobe import VProbeConfig, run_vprobe
 from interpkit.errors import UserError
 from tests.conftest import calendar_lm
 
@@ -33,7 +33,7 @@ def test_vprobe_reads_a_property_and_leaves_the_model_frozen():
 
 
 def test_vprobe_is_deterministic_and_checks_input():
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = calendar_lm()
     prompts = get_task("days")(lm.tokenizer).subset(list(range(20)))
@@ -48,7 +48,7 @@ def test_vprobe_is_deterministic_and_checks_input():
 @pytest.mark.skipif(not DEMO.exists(), reason="artifacts/models/calendar-demo not built")
 def test_vprobe_answer_on_trained_model_beats_random_init():
     from interpkit.models import load_model
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     lm = load_model(str(DEMO))
     prompts = get_task("months")(lm.tokenizer)

@@ -2,7 +2,7 @@
 interventions and circuits (Franco & Crovella 2025, "Pinpointing attention-causal communication in
 language models", NeurIPS), on nnsight.
 
-    from analyses.attention_tracing import Omega, AttnTraceConfig, trace_prompts, unify, signal_removal
+    from interpkit.analyses.attention_tracing import Omega, AttnTraceConfig, trace_prompts, unify, signal_removal
     result = trace_prompts(lm, prompts, AttnTraceConfig(task="ioi"))  # one nnsight trace per batch
     U = result.unified()                                              # networkx MultiDiGraph
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.attention_tracing import graphs as gr
-from analyses.attention_tracing.trace import AttnTraceConfig, AttnTraceResult, trace_prompts
+from interpkit.analyses.attention_tracing import graphs as gr
+from interpkit.analyses.attention_tracing.trace import AttnTraceConfig, AttnTraceResult, trace_prompts
 from interpkit.errors import UserError
 from interpkit.progress import stage
 
@@ -68,10 +68,10 @@ def attn_trace_command(task: str, model: str, n: int = 16, seed: int = 0, remote
                        root: str = "artifacts", run_id: str | None = None, cache_dir: str | None = None,
                        echo=print) -> dict:
     """Run ``interpkit attn-trace``; returns a summary dict (run dir, counts, sparsity, files)."""
-    from analyses.attention_tracing.omega import Omega, default_cache_dir
+    from interpkit.analyses.attention_tracing.omega import Omega, default_cache_dir
     from interpkit.models import load_model
     from interpkit.store import RunStore
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     cfg = AttnTraceConfig(task=task, n_prompts=n, seed=seed, batch_size=batch_size, attn_factor=attn_factor,
                       signal_share=signal_share, seed_share=seed_share, upstream_share=upstream_share,
@@ -244,7 +244,7 @@ def _unify(run_dir: Path, min_frequency: float, echo) -> dict:
 
 
 def _intervene(run_dir, manifest, remote, what, max_prompts_per_edge, max_rows, seed, cache_dir, echo) -> dict:
-    from analyses.attention_tracing.interventions import CircuitConfig, edge_interventions, signal_removal
+    from interpkit.analyses.attention_tracing.interventions import CircuitConfig, edge_interventions, signal_removal
 
     if what not in ("edge", "input"):
         raise UserError(f"--what {what!r}; use edge (upstream signal per edge) or input (full signal removal)")
@@ -298,9 +298,9 @@ def _fmt(x) -> str:
 
 def _load_run_model(manifest: dict, remote, cache_dir):
     """(LoadedModel, PromptSet, Omega) of an attn-trace run, with the run's centring and Omega cache."""
-    from analyses.attention_tracing.omega import Omega, default_cache_dir
+    from interpkit.analyses.attention_tracing.omega import Omega, default_cache_dir
     from interpkit.models import load_model
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     c = manifest["config"]
     model = manifest["model"]["name"]
@@ -315,7 +315,7 @@ def _load_run_model(manifest: dict, remote, cache_dir):
 
 
 def _references(manifest: dict, reference: str | None) -> list[str]:
-    from analyses.attention_tracing.reference_circuits import TASK_REFERENCES
+    from interpkit.analyses.attention_tracing.reference_circuits import TASK_REFERENCES
 
     if reference:
         return [r.strip() for r in reference.split(",") if r.strip()]
@@ -327,8 +327,8 @@ def _references(manifest: dict, reference: str | None) -> list[str]:
 
 
 def _compare(run_dir: Path, manifest: dict, reference: str | None, include_mlp: bool | None, echo) -> dict:
-    from analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
-    from analyses.attention_tracing.studies import plot_compare
+    from interpkit.analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
+    from interpkit.analyses.attention_tracing.studies import plot_compare
 
     path = run_dir / "circuit.graphml"
     if not path.exists():
@@ -356,8 +356,8 @@ def _sweep(run_dir, manifest, remote, min_prompts, thresholds, reference, includ
            echo) -> dict:
     import pandas as pd
 
-    from analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
-    from analyses.attention_tracing.studies import plot_sweep, threshold_sweep
+    from interpkit.analyses.attention_tracing.reference_circuits import INCLUDE_MLP, reference_components
+    from interpkit.analyses.attention_tracing.studies import plot_sweep, threshold_sweep
 
     path = run_dir / "interventions.csv"
     if not path.exists():
@@ -391,7 +391,7 @@ def _sweep(run_dir, manifest, remote, min_prompts, thresholds, reference, includ
 
 
 def _sparsity(run_dir: Path, manifest: dict, echo) -> dict:
-    from analyses.attention_tracing.studies import plot_sparsity, sparsity_table
+    from interpkit.analyses.attention_tracing.studies import plot_sparsity, sparsity_table
 
     recs = _load_records(run_dir)
     if not recs:
@@ -417,7 +417,7 @@ def _sparsity(run_dir: Path, manifest: dict, echo) -> dict:
 
 def _control(run_dir, manifest, remote, attn_thresh, similarity, cluster_threshold, default_src, max_prompts,
              cache_dir, echo) -> dict:
-    from analyses.attention_tracing.studies import cluster_signals, control_heads, firing_signals, plot_control
+    from interpkit.analyses.attention_tracing.studies import cluster_signals, control_heads, firing_signals, plot_control
 
     if not 0 < attn_thresh <= 1 or not 0 < similarity <= 2 or not 0 < cluster_threshold <= 2:
         raise UserError("--attn-thresh must be in (0, 1], --similarity and --cluster-threshold in (0, 2]")

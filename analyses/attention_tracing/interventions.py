@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.attention_tracing.decompose import collect, decompose, load_weights
-from analyses.attention_tracing.signals import edge_signal, raw_scores
+from interpkit.analyses.attention_tracing.decompose import collect, decompose, load_weights
+from interpkit.analyses.attention_tracing.signals import edge_signal, raw_scores
 from interpkit.engine.inside import ATTN_PATTERN, Forward, Readout, ScoreAdd
 from interpkit.engine.run import run_forwards
 from interpkit.progress import stage
@@ -265,7 +265,7 @@ def edge_interventions(lm, omega, prompts, graphs: dict, unified, cfg: CircuitCo
     ``graphs``: {prompt id: per-prompt graph}. Returns a DataFrame (one row per edge, prompt and mode)
     with columns up, down, side, mode, d_logit_diff, d_attn, ...
     """
-    from analyses.attention_tracing.graphs import edge_prompts
+    from interpkit.analyses.attention_tracing.graphs import edge_prompts
 
     todo = []
     for u, v, key in unified.edges(keys=True):

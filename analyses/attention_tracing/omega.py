@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
+from interpkit.analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
 
 SIDES = ("q", "k")
 

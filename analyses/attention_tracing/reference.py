@@ -11,9 +11,9 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from analyses.attention_tracing import graphs as gr
-from analyses.attention_tracing.signals import minimal_set
-from analyses.attention_tracing.trace import AttnTraceConfig, Frontier, candidate_node, seeds
+from interpkit.analyses.attention_tracing import graphs as gr
+from interpkit.analyses.attention_tracing.signals import minimal_set
+from interpkit.analyses.attention_tracing.trace import AttnTraceConfig, Frontier, candidate_node, seeds
 
 
 class DenseSVD:

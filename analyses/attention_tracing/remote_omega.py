@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
+from interpkit.analyses.attention_tracing.linalg import augmented_r, center_rows, qr_pos
 from interpkit.arch import raw_qk
 
 
@@ -81,7 +81,7 @@ def omega_from_remote(lm, center: bool = True, cache_dir=None, frame_dtype: torc
     """An ``Omega`` whose factors and delta-0 cores were computed where the weights are (see module doc).
     ``frame_dtype``: precision of the d x d_head frames on the wire (float32 halves the transfer; the
     Q/K weights rebuilt here then agree with the server's to ~1e-7 relative)."""
-    from analyses.attention_tracing.omega import LayerFactors, Omega
+    from interpkit.analyses.attention_tracing.omega import LayerFactors, Omega
 
     a = lm.arch
     kv = torch.tensor([a.kv_head(h) for h in range(a.n_heads)])

@@ -87,8 +87,8 @@ def firing_signals(lm, omega, prompts, pids: list[int], attn_thresh: float = 0.4
     A[d, s] >= max(attn_thresh, 1 / (d + 1)) in prompts ``pids`` (one activation trace for all)."""
     import pandas as pd
 
-    from analyses.attention_tracing.interventions import decompose_prompts
-    from analyses.attention_tracing.signals import edge_signal
+    from interpkit.analyses.attention_tracing.interventions import decompose_prompts
+    from interpkit.analyses.attention_tracing.signals import edge_signal
 
     decs = decompose_prompts(lm, omega, prompts, pids, decs)
     rows, vecs = [], []
@@ -244,7 +244,7 @@ def plot_control(heads, clusters: dict, vectors: np.ndarray, n_layers: int, n_he
 def head_ablation_logit_diffs(lm, prompts, keep_sets: list[set], progress=None) -> np.ndarray:
     """Mean logit difference over ``prompts`` with every head outside each keep set mean-ablated
     (its output replaced by its mean over prompts and positions), [len(keep_sets)]."""
-    from analyses.attention_tracing.faithfulness import ablated_logit_diff, head_means
+    from interpkit.analyses.attention_tracing.faithfulness import ablated_logit_diff, head_means
 
     means = head_means(lm, prompts)
     out = []
@@ -260,7 +260,7 @@ def threshold_sweep(lm, prompts, unified, effects, thresholds, min_prompts: int,
     """One row per threshold: nodes, edges, heads, faithfulness (normalised and raw), P/R/F1."""
     import pandas as pd
 
-    from analyses.attention_tracing import graphs as gr
+    from interpkit.analyses.attention_tracing import graphs as gr
 
     rows, keeps = [], []
     for th in thresholds:

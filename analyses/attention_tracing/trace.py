@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
-from analyses.attention_tracing import graphs as gr
-from analyses.attention_tracing.decompose import (Contributions, collect, contributions, decompose,
+from interpkit.analyses.attention_tracing import graphs as gr
+from interpkit.analyses.attention_tracing.decompose import (Contributions, collect, contributions, decompose,
                                                   load_weights, logit_direction)
-from analyses.attention_tracing.signals import edge_signal, minimal_set
+from interpkit.analyses.attention_tracing.signals import edge_signal, minimal_set
 from interpkit.errors import UserError
 
 
@@ -270,7 +270,7 @@ def trace_prompts(lm, prompts, cfg: AttnTraceConfig, omega=None, on_batch=None, 
     ``on_batch(i, rows, graphs, status, records)`` is called after each batch (the CLI stores it);
     ``skip(i)`` -> (graphs, status, records) returns a stored batch instead of recomputing (resume).
     """
-    from analyses.attention_tracing.omega import Omega, default_cache_dir
+    from interpkit.analyses.attention_tracing.omega import Omega, default_cache_dir
 
     cfg.validate()
     t0 = time.perf_counter()

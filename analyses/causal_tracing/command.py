@@ -5,14 +5,14 @@ import time
 
 import torch
 
-from analyses.causal_tracing.facts import (GROUP_LABELS, subject_mask)
+from interpkit.analyses.causal_tracing.facts import (GROUP_LABELS, subject_mask)
 from interpkit.errors import UserError
 
 
 # --------------------------------------------------------------------------------------------------
 # storage and the CLI command body
 # --------------------------------------------------------------------------------------------------
-from analyses.causal_tracing.trace import BASE_KINDS, FactTrace, SEVERED_KINDS, TraceConfig, TraceResult, parse_noise, run_causal_tracing
+from interpkit.analyses.causal_tracing.trace import BASE_KINDS, FactTrace, SEVERED_KINDS, TraceConfig, TraceResult, parse_noise, run_causal_tracing
 
 
 def chunk_arrays(traces: list[FactTrace], width: int) -> dict:
@@ -74,17 +74,17 @@ def _kinds_option(kind: str | None) -> list[str] | None:
 
 def _prompt_set(lm, task: str, fact_file: str | None = None):
     if str(task).lower().endswith((".jsonl", ".csv")):     # --dataset: your own facts (tasks/custom.py)
-        from tasks.custom import load_dataset
+        from interpkit.tasks.custom import load_dataset
 
         return load_dataset(task, lm.tokenizer, need_subject=True, echo=print)
     if task == "facts":
-        from tasks.known_facts import build
+        from interpkit.tasks.known_facts import build
 
         return build(lm.tokenizer, path=fact_file)
     if fact_file is not None:
         raise UserError("--fact-file needs --task facts (a known_1000-format file)")
     if task == "synthetic_facts":
-        from tasks.synthetic_facts import make_facts, prompt_set
+        from interpkit.tasks.synthetic_facts import make_facts, prompt_set
 
         return prompt_set(lm.tokenizer, make_facts())
     raise UserError(f"bad --task {task!r}; use facts (known_1000) or synthetic_facts")
@@ -127,7 +127,7 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
     if "known_rows" in store.manifest:
         std, rows = store.manifest["subject_std"], store.manifest["known_rows"]
     else:
-        from analyses.causal_tracing.known_facts_scan import scan_known
+        from interpkit.analyses.causal_tracing.known_facts_scan import scan_known
 
         t0 = time.perf_counter()
         scan, _ = scan_known(lm, prompts, facts, subject_mask(prompts), log=echo)
@@ -154,12 +154,12 @@ def causal_trace_command(model: str, facts: int | None = 100, kind: str | None =
         store.write_chunk(c, chunk_arrays(traces, width), seconds=seconds)
         echo(f"chunk {c}: {len(traces)} facts in {seconds:.1f}s")
 
-    from analyses.causal_tracing.noise import MODEL_RULES, build_noise_model
+    from interpkit.analyses.causal_tracing.noise import MODEL_RULES, build_noise_model
 
     noise_model = build_noise_model(lm, prompts, cfg) if (cfg.replace or parse_noise(cfg.noise)[0] in MODEL_RULES) else None
     result = run_causal_tracing(lm, chosen, cfg, subject_std=std, on_chunk=save, skip_chunk=skip, noise=noise_model,
                                 log=echo)
-    from analyses.causal_tracing.plots import plot_fact
+    from interpkit.analyses.causal_tracing.plots import plot_fact
 
     figures = [str(p) for p in result.plot(store.dir)]
     figures.append(str(plot_fact(result.facts[0], store.dir / f"fact_{result.facts[0].key}.png")))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.causal_tracing.facts import facts_of, subject_batches
+from interpkit.analyses.causal_tracing.facts import facts_of, subject_batches
 from interpkit.engine.inside import corrupt  # noqa: F401  (applies the bank inside traces)
 from interpkit.engine.run import run_traces
 from interpkit.errors import UserError

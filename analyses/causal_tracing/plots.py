@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
-from analyses.causal_tracing.facts import GROUP_LABELS, GROUPS
+from interpkit.analyses.causal_tracing.facts import GROUP_LABELS, GROUPS
 from interpkit.plots import finish, pyplot
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "severed_mlp": "Blues", "severed_attn": "Oranges"}

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.causal_tracing.facts import (GROUPS, Fact, answer_fact, facts_of, position_groups,
+from interpkit.analyses.causal_tracing.facts import (GROUPS, Fact, answer_fact, facts_of, position_groups,
                                    subject_batches, token_groups)
-from analyses.causal_tracing.noise import MODEL_RULES, build_noise_model
-from analyses.causal_tracing.prefix import (SITE_NAMES, FactJob, FactScores, noise_bank, restoration_writes,
+from interpkit.analyses.causal_tracing.noise import MODEL_RULES, build_noise_model
+from interpkit.analyses.causal_tracing.prefix import (SITE_NAMES, FactJob, FactScores, noise_bank, restoration_writes,
                                             trace_facts_prefix)
 from interpkit.engine.inside import ANSWER_PROB, Forward, Noise, Readout, Write
 from interpkit.engine.run import run_forwards, run_traces
@@ -92,7 +92,7 @@ class TraceConfig:
 def parse_noise(noise) -> tuple[str, float]:
     """("sigma", k) for "<k>sigma" / "s<k>", ("fixed", x) for a number; the other rules of
     ``analyses.causal_tracing.noise`` (uniform, mvn, t, subject) as (kind, value)."""
-    from analyses.causal_tracing.noise import parse_rule
+    from interpkit.analyses.causal_tracing.noise import parse_rule
 
     rule = parse_rule(noise)
     return rule.kind, rule.value
@@ -259,7 +259,7 @@ class TraceResult:
         return out
 
     def plot(self, out_dir) -> list:
-        from analyses.causal_tracing.plots import plot_heatmaps, plot_lines
+        from interpkit.analyses.causal_tracing.plots import plot_heatmaps, plot_lines
 
         return plot_heatmaps(self, out_dir) + plot_lines(self, out_dir)
 

@@ -6,15 +6,15 @@ from dataclasses import asdict
 
 import numpy as np
 
-from analyses.circles.studies import DEFAULT_STEPS, deconstruct
-from analyses.probing.linear import collect_residuals, random_like
+from interpkit.analyses.circles.studies import DEFAULT_STEPS, deconstruct
+from interpkit.analyses.probing.linear import collect_residuals, random_like
 from interpkit.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------------
 # CLI body
 # ----------------------------------------------------------------------------------------------------
-from analyses.circles.features import CircleConfig, CircleResult, PERIODS, circle_sweep, run_circles
+from interpkit.analyses.circles.features import CircleConfig, CircleResult, PERIODS, circle_sweep, run_circles
 
 
 def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleConfig | None = None,
@@ -36,7 +36,7 @@ def circle_command(task: str, model: str, *, remote: bool = False, cfg: CircleCo
     cfg = cfg or CircleConfig(seed=seed)
     lm = lm or load_model(model, remote=remote)
     if prompts is None:
-        from tasks import get_task
+        from interpkit.tasks import get_task
         prompts = get_task(task)(lm.tokenizer)
     _check_studies(lm, prompts, cfg, sweep, rgb_layers, rgb_role)          # fail before the long part
     store = RunStore("circle", {"task": task, "circle": asdict(cfg), "random_baseline": random_baseline},

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from analyses.circles.studies import SweepResult
-from analyses.probing.linear import collect_residuals
+from interpkit.analyses.circles.studies import SweepResult
+from interpkit.analyses.probing.linear import collect_residuals
 from interpkit.engine.inside import FINAL_IN, LOGITS, Forward, Readout, Write
 from interpkit.engine.run import run_forwards
 from interpkit.errors import UserError

@@ -251,9 +251,9 @@ def reducibility_command(model: str | None = None, task: str = "days", layer: in
         echo(f"{r['cloud']:<10} {r['mixture']:>7.3f} {r['separability']:>9.3f}  "
              f"{'irreducible' if r['irreducible'] else 'reducible'}")
     if model is not None:
-        from analyses.probing.linear import collect_residuals
+        from interpkit.analyses.probing.linear import collect_residuals
         from interpkit.models import load_model
-        from tasks import get_task
+        from interpkit.tasks import get_task
 
         lm = load_model(model)
         prompts = get_task(task)(lm.tokenizer)

@@ -28,7 +28,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks import calendar
+    from interpkit.tasks import calendar
 
     pre = pre_tokenizers.Whitespace()
     words = []
@@ -61,7 +61,7 @@ class DemoConfig:
 
 def calendar_data(tokenizer, test_frac: float, seed: int) -> dict:
     """Both tasks' full grids as one left-padded batch, with a per-task held-out split of problems."""
-    from tasks import calendar
+    from interpkit.tasks import calendar
 
     sets = [calendar.build_days(tokenizer), calendar.build_months(tokenizer)]
     T = max(p.input_ids.shape[1] for p in sets)
@@ -189,7 +189,7 @@ def train_calendar_demo(out: str | Path, cfg: DemoConfig | None = None, log=prin
     hf.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     recipe = {"command": "python -m analyses.demos.calendar " + " ".join(sys.argv[1:]) if __name__ == "__main__"
-              else f"analyses.demos.calendar.train_calendar_demo({str(out)!r}, {cfg!r})",
+              else f"interpkit.analyses.demos.calendar.train_calendar_demo({str(out)!r}, {cfg!r})",
               "seed": cfg.seed, "config": asdict(cfg), "steps_run": run["steps"], "wall_s": round(run["wall_s"], 1),
               "cpu_s": round(run["cpu_s"], 1),
               "final_loss": round(run["loss"], 4), "accuracy": final,

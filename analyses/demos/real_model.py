@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from analyses.patching.attribution import run_attribution
-from analyses.patching.sweep import PatchConfig, plot_patching, role_effect, run_patching
+from interpkit.analyses.patching.attribution import run_attribution
+from interpkit.analyses.patching.sweep import PatchConfig, plot_patching, role_effect, run_patching
 from interpkit.errors import UserError
 from interpkit.models import load_model
-from tasks import get_task
+from interpkit.tasks import get_task
 
 MODEL = "smollm2-135m"
 ROLES = ["IO", "S1", "S1+1", "S2", "end"]
@@ -75,7 +75,7 @@ def ioi_heads(lm, n_pairs: int, top: int, out: Path, log) -> dict:
 
 
 def facts(n_facts: int, samples: int, out: Path, log) -> dict:
-    from analyses.causal_tracing.command import causal_trace_command
+    from interpkit.analyses.causal_tracing.command import causal_trace_command
 
     t = time.perf_counter()
     result = causal_trace_command(MODEL, facts=n_facts, kind="all", samples=samples, root=str(out / "runs"),

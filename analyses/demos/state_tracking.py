@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from analyses.state_tracking.signature import measure_signature
+from interpkit.analyses.state_tracking.signature import measure_signature
 from interpkit.models import load_model
 from interpkit.plots import finish, pyplot
-from analyses.state_tracking.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
+from interpkit.analyses.state_tracking.training import TrainConfig, evaluate_length_generalization, plot_accuracy, train
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "artifacts" / "models" / "s3-demo"

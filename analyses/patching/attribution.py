@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from analyses.patching.sweep import PatchConfig, PatchResult, region_mask, sweep_inputs
+from interpkit.analyses.patching.sweep import PatchConfig, PatchResult, region_mask, sweep_inputs
 from interpkit.engine.inside import patch_site
 from interpkit.engine.run import run_session
 from interpkit.metrics import kept_logits, score

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from analyses.patching.attribution import agreement, run_attribution
-from analyses.patching.sweep import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, heatmap_labels, plan_patching,
+from interpkit.analyses.patching.attribution import agreement, run_attribution
+from interpkit.analyses.patching.sweep import (ENGINES, PATCH_SITES, PatchConfig, PatchResult, execute, heatmap_labels, plan_patching,
                                plot_patching, role_effect, run_patching)
 from interpkit.errors import UserError
 
@@ -42,7 +42,7 @@ def patch_command(task: str, model: str, site: str = "resid", method: str = "exa
     ``min_gap`` x the median gap are excluded and counted (they only change the printed/assembled effects)."""
     from interpkit.models import load_model
     from interpkit.store import RunStore
-    from tasks import get_task
+    from interpkit.tasks import get_task
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")

@@ -32,7 +32,7 @@ from interpkit.engine.run import SweepRuns, run_forwards, run_plan, run_session
 from interpkit.errors import UserError
 from interpkit.metrics import SEQ_LOGPROB, normalize
 from interpkit.sites import SITES
-from tasks.base import append_tokens
+from interpkit.tasks.base import append_tokens
 
 REGIONS = ("position", "prefix", "suffix", "window")
 ENGINES = ("prefix", "full")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from analyses.probing.linear import ProbeConfig, ProbeResult, probe_layers, random_like
+from interpkit.analyses.probing.linear import ProbeConfig, ProbeResult, probe_layers, random_like
 from interpkit.plots import finish, pyplot
 
 
@@ -46,7 +46,7 @@ class CFGProbeResult:
 
 
 def unique_samples(grammar, n: int, seed: int) -> tuple[list, float]:
-    from tasks.cfg import parse, sample
+    from interpkit.tasks.cfg import parse, sample
 
     out, drawn, s = [], 0, seed
     while len(out) < n:
@@ -60,7 +60,7 @@ def unique_samples(grammar, n: int, seed: int) -> tuple[list, float]:
 
 def probe_cfg(lm, grammar, *, n: int = 300, seed: int = 4242, random_baseline: bool = True,
               cfg: ProbeConfig | None = None) -> CFGProbeResult:
-    from tasks.cfg import dp_labels, encode
+    from interpkit.tasks.cfg import dp_labels, encode
 
     samples, frac = unique_samples(grammar, n, seed)
     enc = encode(samples)

@@ -13,7 +13,7 @@ PROBES = ("cfg", "igsm", "mistakes")
 def physics_train_command(recipe: str, output_dir: str | None = None, steps: int | None = None,
                           seed: int | None = None, echo=print) -> dict:
     """Train one of the recipes (resumable) and print its held-out evaluation."""
-    from analyses.physics.recipes import run_recipe
+    from interpkit.analyses.physics.recipes import run_recipe
 
     over = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
     ev = run_recipe(recipe, output_dir, **over)
@@ -31,7 +31,7 @@ def _recipe(model: str) -> dict:
 def physics_probe_command(model: str, what: str, *, n: int = 300, random_baseline: bool = True,
                           targets: list[str] | None = None, root: str = "artifacts", echo=print) -> dict:
     """Probe a trained model: ``cfg`` (DP states), ``igsm`` (V-probes) or ``mistakes`` (part 2.2)."""
-    from analyses.physics.train import make_task
+    from interpkit.analyses.physics.train import make_task
     from interpkit.models import load_model
     from interpkit.store import RunStore
 
@@ -49,7 +49,7 @@ def physics_probe_command(model: str, what: str, *, n: int = 300, random_baselin
     store = RunStore("physics", {"what": what, "n": n, "random_baseline": random_baseline, "targets": targets},
                      model=model, root=root)
     if what == "cfg":
-        from analyses.physics.cfg_probe import plot_cfg_probes, probe_cfg
+        from interpkit.analyses.physics.cfg_probe import plot_cfg_probes, probe_cfg
 
         res = probe_cfg(lm, task.info["grammar"], n=n, random_baseline=random_baseline)
         res.to_dataframe().to_csv(store.dir / "cfg_probes.csv", index=False)
@@ -61,9 +61,9 @@ def physics_probe_command(model: str, what: str, *, n: int = 300, random_baselin
                    "chance": dict(zip(res.trained.targets, res.trained.chance.tolist())), "figure": "cfg_probes.png"}
         echo(res.table())
     elif what == "igsm":
-        from analyses.physics.igsm_probe import igsm_vprobes, plot_vprobes, rows_dicts, vprobe_table
+        from interpkit.analyses.physics.igsm_probe import igsm_vprobes, plot_vprobes, rows_dicts, vprobe_table
 
-        from analyses.physics.igsm_probe import TARGETS
+        from interpkit.analyses.physics.igsm_probe import TARGETS
 
         bad = [t for t in targets or [] if t not in TARGETS]
         if bad:
@@ -73,7 +73,7 @@ def physics_probe_command(model: str, what: str, *, n: int = 300, random_baselin
         summary = {"vprobes": rows_dicts(rows), "figure": "vprobes.png"}
         echo(vprobe_table(rows))
     else:
-        from analyses.physics.igsm_probe import mistake_probe, plot_layers
+        from interpkit.analyses.physics.igsm_probe import mistake_probe, plot_layers
 
         res = mistake_probe(lm, task.info["config"], n=n, random_baseline=random_baseline)
         curves = {"trained": res.trained.test_acc[0].tolist()}
@@ -100,7 +100,7 @@ def data_command(kind: str, out: str, n: int, seed: int, echo=print) -> Path:
     out_p.mkdir(parents=True, exist_ok=True)
     path = out_p / f"{kind}.jsonl"
     if kind == "cfg":
-        from tasks.cfg import CFGConfig, random_grammar, sample
+        from interpkit.tasks.cfg import CFGConfig, random_grammar, sample
 
         g = random_grammar(CFGConfig(seed=seed))
         (out_p / "grammar.txt").write_text(g.describe() + "\n")
@@ -108,7 +108,7 @@ def data_command(kind: str, out: str, n: int, seed: int, echo=print) -> Path:
             for s in sample(g, n, seed + 1):
                 f.write(json.dumps({"text": " ".join(str(t + 1) for t in s.tokens), **asdict(s)}) + "\n")
     elif kind == "igsm":
-        from tasks.igsm import IGSMConfig, sample_problems
+        from interpkit.tasks.igsm import IGSMConfig, sample_problems
 
         with path.open("w") as f:
             for p in sample_problems(IGSMConfig(), n, seed):

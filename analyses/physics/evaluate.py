@@ -32,7 +32,7 @@ def generate_groups(model, prompts: list[list[int]], max_new: int, eos: int, *, 
 
 def cfg_generation(model, tok, grammar, n: int = 200, seed: int = _EVAL_SEED) -> dict:
     """Sample n strings from <bos> at temperature 1; the fraction the grammar accepts (and diversity)."""
-    from tasks.cfg import TERMINAL_OFFSET, parse
+    from interpkit.tasks.cfg import TERMINAL_OFFSET, parse
 
     model.eval()
     outs = generate_groups(model, [[tok.bos_token_id]] * n, model.config.n_positions, tok.eos_token_id,
@@ -49,7 +49,7 @@ def cfg_generation(model, tok, grammar, n: int = 200, seed: int = _EVAL_SEED) ->
 
 def igsm_accuracy(model, tok, cfg, n: int = 200, seed: int = _EVAL_SEED) -> dict:
     """Greedy solutions of n fresh problems: fraction fully valid with the right answer."""
-    from tasks.igsm import evaluate_solution, sample_problems
+    from interpkit.tasks.igsm import evaluate_solution, sample_problems
 
     model.eval()
     probs = sample_problems(cfg, n, seed)
@@ -65,7 +65,7 @@ def igsm_accuracy(model, tok, cfg, n: int = 200, seed: int = _EVAL_SEED) -> dict
 
 
 def evaluate_model(cfg, model, tok) -> dict:
-    from analyses.physics.train import make_task
+    from interpkit.analyses.physics.train import make_task
 
     task = make_task(cfg.task, cfg.task_options)
     if cfg.task == "cfg":

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analyses.probing.vprobe import VProbeConfig, fit_vprobe
-from analyses.probing.linear import ProbeConfig, collect_residuals, probe_activations, prompt_split, random_like
+from interpkit.analyses.probing.vprobe import VProbeConfig, fit_vprobe
+from interpkit.analyses.probing.linear import ProbeConfig, collect_residuals, probe_activations, prompt_split, random_like
 from interpkit.plots import finish, pyplot
 
 TARGETS = ("nece@question", "dep@statements", "nece@solution", "can_next@solution", "value@solution",
@@ -121,7 +121,7 @@ def igsm_vprobes(lm, icfg, targets=TARGETS, *, n: int = 200, seed: int = 555, ra
                  vcfg: VProbeConfig | None = None, progress: bool = True) -> list[VProbeRow]:
     from rich.progress import track
 
-    from tasks.igsm import sample_problems
+    from interpkit.tasks.igsm import sample_problems
 
     vcfg = vcfg or VProbeConfig(steps=60, batch_size=32, seed=0)      # cut down for CPU time
     problems = sample_problems(icfg, n, seed)
@@ -150,7 +150,7 @@ class MistakeProbeResult:
 
 def mistake_pairs(icfg, n: int, seed: int) -> list[tuple[list[str], list[str]]]:
     """(prefix ending with the correct step j, same prefix ending with a wrong step at j), equal lengths."""
-    from tasks.igsm import sample_problems, step_tokens, wrong_step
+    from interpkit.tasks.igsm import sample_problems, step_tokens, wrong_step
 
     rng = random.Random(seed)
     pairs = []

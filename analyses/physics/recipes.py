@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analyses.physics.train import PhysicsTrainConfig, finish_model, train
+from interpkit.analyses.physics.train import PhysicsTrainConfig, finish_model, train
 
 MODELS = Path(__file__).resolve().parents[2] / "artifacts" / "models"
 
@@ -41,7 +41,7 @@ def run_recipe(name: str, output_dir: str | Path | None = None, *, progress: boo
     models were when CPU time ran out; the recipe records it, so the same call reproduces them."""
     cfg = recipe_config(name, output_dir, progress=progress, **overrides)
     model, tok, history, wall, step = train(cfg, stop_at=stop_at)
-    from analyses.physics.evaluate import evaluate_model
+    from interpkit.analyses.physics.evaluate import evaluate_model
 
     ev = evaluate_model(cfg, model, tok)
     finish_model(cfg, model, tok, step, wall, history, {"eval": ev, "recipe": name, "stop_at": stop_at},

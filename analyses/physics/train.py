@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
-from analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
+from interpkit.analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
 
 TASKS = ("cfg", "igsm")
 
@@ -80,12 +80,12 @@ class LMTask:
 
 def make_task(name: str, options: dict) -> LMTask:
     if name == "cfg":
-        from tasks.cfg import CFGConfig, build_tokenizer, encode, random_grammar, sample
+        from interpkit.tasks.cfg import CFGConfig, build_tokenizer, encode, random_grammar, sample
 
         g = random_grammar(CFGConfig(**options))
         return LMTask("cfg", build_tokenizer(g.terminals), lambda n, seed: encode(sample(g, n, seed)),
                       info={"grammar": g})
-    from tasks.igsm import IGSMConfig, build_tokenizer, encode_problems, sample_problems
+    from interpkit.tasks.igsm import IGSMConfig, build_tokenizer, encode_problems, sample_problems
 
     icfg = IGSMConfig(**options)
     tok = build_tokenizer(icfg)

@@ -10,7 +10,7 @@ from interpkit.errors import UserError
 # ----------------------------------------------------------------------------------------------------
 # CLI body
 # ----------------------------------------------------------------------------------------------------
-from analyses.probing.linear import ProbeConfig, ProbeResult, labels_from_meta, probe_layers
+from interpkit.analyses.probing.linear import ProbeConfig, ProbeResult, labels_from_meta, probe_layers
 
 
 
@@ -30,7 +30,7 @@ def probe_command(model: str, task: str, targets: list[str], *, positions: str =
     cfg = cfg or ProbeConfig(seed=seed)
     lm = lm or load_model(model, remote=remote)
     if prompts is None:
-        from tasks import get_task
+        from interpkit.tasks import get_task
         prompts = get_task(task)(lm.tokenizer, n=n, seed=seed)
     pos = positions
     if positions not in ("all", "last"):

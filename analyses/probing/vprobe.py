@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from analyses.probing.linear import model_inputs, prompt_split, random_like
+from interpkit.analyses.probing.linear import model_inputs, prompt_split, random_like
 from interpkit.errors import UserError
 from interpkit.progress import stage
 from interpkit.plots import finish, pyplot
@@ -169,14 +169,14 @@ def run_vprobe(lm, prompts, labels, cfg: VProbeConfig | None = None, target: str
 def vprobe_command(model: str, task: str, target: str, *, n: int | None = None, seed: int = 0,
                    cfg: VProbeConfig | None = None, root: str = "artifacts", lm=None, prompts=None) -> VProbeResult:
     """``interpkit vprobe --model M --task T --target META``: V-probe a meta field of a task's prompts."""
-    from analyses.probing.linear import labels_from_meta
+    from interpkit.analyses.probing.linear import labels_from_meta
     from interpkit.models import load_model
     from interpkit.store import RunStore
 
     cfg = cfg or VProbeConfig(seed=seed)
     lm = lm or load_model(model)
     if prompts is None:
-        from tasks import get_task
+        from interpkit.tasks import get_task
         prompts = get_task(task)(lm.tokenizer, **({} if n is None else {"n": n}))
     labels = labels_from_meta(prompts, [target], "one")[target]
     store = RunStore("vprobe", {"task": task, "target": target, "n": n, "vprobe": asdict(cfg)},

@@ -20,8 +20,8 @@ def train(model: str = typer.Option(..., help="Hub id, local dir, tiny:<family> 
           generated_docs: int = typer.Option(64, help="Documents the model writes for the generated corpus."),
           seed: int = typer.Option(0), root: str = typer.Option("artifacts")) -> None:
     """Train an SAE (resumable: rerun the same command); saved in the sae_lens layout."""
-    from analyses.sae.command import sae_train_command
-    from analyses.sae.train import SAETrainConfig
+    from interpkit.analyses.sae.command import sae_train_command
+    from interpkit.analyses.sae.train import SAETrainConfig
 
     cfg = SAETrainConfig(layer=layer, width=width, architecture=architecture, k=k, l1=l1, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, corpus=corpus, max_docs=max_docs,
@@ -32,7 +32,7 @@ def train(model: str = typer.Option(..., help="Hub id, local dir, tiny:<family> 
 @app.command()
 def load(path: str = typer.Option(..., help="A folder with cfg.json + sae_weights.safetensors (sae_lens layout).")) -> None:
     """Load an SAE (ours or a public one downloaded in the sae_lens layout) and describe it."""
-    from analyses.sae.command import sae_load_command
+    from interpkit.analyses.sae.command import sae_load_command
 
     sae_load_command(path, echo=typer.echo)
 
@@ -49,7 +49,7 @@ def cluster(sae: str = typer.Option(..., help="An SAE folder (or an `sae train` 
             max_clusters: int = typer.Option(40, help="Reconstruct the largest this many clusters."),
             seed: int = typer.Option(0), root: str = typer.Option("artifacts")) -> None:
     """Cluster decoder directions; reconstructions, PCA plots by token, irreducibility, circle search."""
-    from analyses.sae.command import sae_cluster_command
+    from interpkit.analyses.sae.command import sae_cluster_command
 
     sae_cluster_command(sae, model=model, method=method, n_clusters=n_clusters, cutoff=cutoff,
                         top_k=top_k or None, corpus=corpus, layer=layer, seed=seed, max_clusters=max_clusters,

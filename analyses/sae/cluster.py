@@ -124,8 +124,8 @@ class ClusterReconstruction:
 def reconstruct(sae, X: torch.Tensor, cluster: list[int], k: int = 5, max_points: int = 5000,
                 indices: bool = True, seed: int = 0) -> ClusterReconstruction | None:
     """Cluster reconstruction of X [n, d] (None when fewer than 3 tokens fire the cluster)."""
-    from analyses.circles.features import pca
-    from analyses.circles.irreducibility import epsilon_mixture_index, separability_index
+    from interpkit.analyses.circles.features import pca
+    from interpkit.analyses.circles.irreducibility import epsilon_mixture_index, separability_index
 
     f = sae.encode(X)[:, cluster]
     rows = (f > 0).any(1).nonzero().squeeze(1)
@@ -150,7 +150,7 @@ def reconstruct(sae, X: torch.Tensor, cluster: list[int], k: int = 5, max_points
 
 def value_labels(token_strings: list[str]) -> dict[str, torch.Tensor]:
     """Day index (0-6) and month index (0-11) of each token, -1 elsewhere (matched on the stripped text)."""
-    from tasks.calendar import DAYS, MONTHS
+    from interpkit.tasks.calendar import DAYS, MONTHS
 
     out = {}
     for kind, words in (("days", DAYS), ("months", MONTHS)):
@@ -162,7 +162,7 @@ def value_labels(token_strings: list[str]) -> dict[str, torch.Tensor]:
 
 def circle_fit(recon: torch.Tensor, values: torch.Tensor, period: int, k: int = 5) -> dict | None:
     """Circle-probe R^2 (in-sample and value-held-out) of reconstructions at tokens with a value."""
-    from analyses.circles.features import fit_circle
+    from interpkit.analyses.circles.features import fit_circle
 
     keep = values >= 0
     if int(keep.sum()) < 10 or len(torch.unique(values[keep])) < max(3, period // 2):

@@ -5,8 +5,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from analyses.sae.load import SAE, SAESpec, describe, load_sae, sae_layer, save_sae
-from analyses.sae.train import Activations, SAETrainConfig, build_corpus, collect, sae_stats, train_sae
+from interpkit.analyses.sae.load import SAE, SAESpec, describe, load_sae, sae_layer, save_sae
+from interpkit.analyses.sae.train import Activations, SAETrainConfig, build_corpus, collect, sae_stats, train_sae
 from interpkit.errors import UserError
 
 
@@ -94,9 +94,9 @@ def sae_cluster_command(path: str, *, model: str | None = None, method: str = "s
     """Cluster an SAE's decoder directions; reconstructions, irreducibility, circle search, figures."""
     import pandas as pd
 
-    from analyses.sae.cluster import (circle_fit, graph_clusters, labels_to_clusters, mean_pairwise_cosine,
+    from interpkit.analyses.sae.cluster import (circle_fit, graph_clusters, labels_to_clusters, mean_pairwise_cosine,
                                       reconstruct, spectral_clusters, value_labels)
-    from analyses.sae.plots import plot_cluster
+    from interpkit.analyses.sae.plots import plot_cluster
     from interpkit.models import load_model
     from interpkit.store import RunStore
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analyses.sae.load import SAE, SAESpec, load_sae, save_sae
+from interpkit.analyses.sae.load import SAE, SAESpec, load_sae, save_sae
 from interpkit.errors import UserError
 
 
@@ -53,7 +53,7 @@ class SAETrainConfig:
 # corpus and activations
 # ------------------------------------------------------------------------------------------------
 def calendar_text() -> list[str]:
-    from tasks.calendar import DAYS, MONTHS, problems
+    from interpkit.tasks.calendar import DAYS, MONTHS, problems
 
     lines = [p[0] for kind in ("days", "months") for p in problems(kind)]
     for words in (DAYS, MONTHS):
@@ -87,7 +87,7 @@ def build_corpus(spec: str, lm=None, *, n_generated: int = 64, max_tokens: int =
         if part == "calendar":
             docs += calendar_text()
         elif part == "tasks":
-            from tasks import corpus
+            from interpkit.tasks import corpus
             docs += corpus()
         elif part == "generated":
             if lm is None:

@@ -8,7 +8,7 @@ import torch
 # --------------------------------------------------------------------------------------------------
 # `interpkit eval`: length generalisation, layer skipping, random baseline, lengthwise probe
 # --------------------------------------------------------------------------------------------------
-from analyses.state_tracking.signature import SignatureRun, measure_signature
+from interpkit.analyses.state_tracking.signature import SignatureRun, measure_signature
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -33,7 +33,7 @@ def parse_lengths(text: str) -> list[int]:
 def story_prompts(tokenizer, group: int = 3, scratchpad: bool = False):
     """``make_prompts(length, n, seed)`` for ``analyses.probing.linear.lengthwise_probe``: random stories of S_group
     (with their true states interleaved for scratchpad models) with final-state and final-parity labels."""
-    from tasks.permutations import sample_stories, story_tokens, symmetric_group
+    from interpkit.tasks.permutations import sample_stories, story_tokens, symmetric_group
 
     def make(length: int, n: int, seed: int):
         st = sample_stories(n, length, group, seed=seed)
@@ -55,7 +55,7 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
 
     from interpkit.errors import UserError
     from interpkit.models import load_model
-    from analyses.state_tracking.training import evaluate_length_generalization, plot_accuracy
+    from interpkit.analyses.state_tracking.training import evaluate_length_generalization, plot_accuracy
 
     checks = [(dtype in ("float32", "bfloat16"), f"--dtype {dtype!r}; use float32 or bfloat16"),
               (factor >= 1, "--factor must be >= 1"), (stories >= 1, "--stories must be >= 1"),
@@ -74,7 +74,7 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
     lm = load_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     label = model
     if random_baseline:
-        from analyses.probing.linear import random_like
+        from interpkit.analyses.probing.linear import random_like
 
         lm, label = random_like(lm, seed=seed), f"{model} (random weights)"
     res = evaluate_length_generalization(lm.hf, lm.tokenizer, n=n, train_len=train_len, factor=factor,
@@ -88,7 +88,7 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
          f"at {factor}x (last position) {res['state_acc'][-1]:.4f}; beyond (mean) {res['mean_state_acc_beyond']:.4f}; "
          f"cutoff(0.98) state {res['state_cutoff']}, parity {res['parity_cutoff']}")
     if lengths:
-        from analyses.probing.linear import ProbeConfig, lengthwise_probe
+        from interpkit.analyses.probing.linear import ProbeConfig, lengthwise_probe
 
         lw = lengthwise_probe(lm, story_prompts(lm.tokenizer, n, scratchpad), lengths, n_prompts=probe_stories,
                               cfg=ProbeConfig(seed=seed))

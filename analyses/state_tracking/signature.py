@@ -93,9 +93,9 @@ def measure_signature(lm, n: int, length: int, *, scratchpad: bool = False, n_pr
     """Probe state and parity at every action position and layer (held-out stories), patch same- and
     other-parity first actions over growing prefixes (resid_post, original <- altered), and read the
     signature. ``scratchpad`` models see their true states interleaved (the format they were trained on)."""
-    from analyses.patching.sweep import PatchConfig, run_patching
-    from analyses.probing.linear import ProbeConfig, probe_layers
-    from tasks.permutations import parity_pairs, sample_stories, story_tokens, symmetric_group
+    from interpkit.analyses.patching.sweep import PatchConfig, run_patching
+    from interpkit.analyses.probing.linear import ProbeConfig, probe_layers
+    from interpkit.tasks.permutations import parity_pairs, sample_stories, story_tokens, symmetric_group
 
     st = sample_stories(n_probe, length, n, seed=probe_seed)
     ids, _, first, last = story_tokens(st.actions, lm.tokenizer, n, scratchpad)

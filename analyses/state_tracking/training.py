@@ -42,7 +42,7 @@ import torch
 
 from interpkit.errors import UserError
 from interpkit.plots import finish
-from tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
+from interpkit.tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
                                 make_labels, perm_token_ids, sample_stories, scratchpad_sequence, special_prefix,
                                 symmetric_group)
 
@@ -270,7 +270,7 @@ def topic_word_matrix(cfg: TrainConfig):
     drawn from the run seed, exactly as ``topic_model_stories(seed=cfg.seed)`` draws them."""
     import numpy as np
 
-    from tasks.permutations import load_topic_mapping, symmetric_group
+    from interpkit.tasks.permutations import load_topic_mapping, symmetric_group
 
     if cfg.topic_mapping:
         return load_topic_mapping(cfg.topic_mapping, cfg.n)
@@ -285,7 +285,7 @@ def make_batch(cfg: TrainConfig, step: int, maps: tuple,
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     length = cfg.length_at(step) if length is None else length
     if cfg.supervision == "next_token":
-        from tasks.permutations import topic_model_stories
+        from interpkit.tasks.permutations import topic_model_stories
 
         tw = topic_word_matrix(cfg) if topic_word is None else topic_word
         actions = topic_model_stories(cfg.batch_size, length, cfg.n, n_topics=len(tw), alpha=cfg.alpha,
@@ -626,7 +626,7 @@ def export_model(out_dir: str | Path, model, tokenizer, cfg: TrainConfig, step: 
     tokenizer.save_pretrained(out)
     recipe = {"config": asdict(cfg), "seed": cfg.seed, "steps_run": step, "wall_s": round(wall_s, 1),
               "torch": torch.__version__, "threads": cfg.threads,
-              "command": command or "analyses.state_tracking.training.train(TrainConfig(**recipe['config']))"}
+              "command": command or "interpkit.analyses.state_tracking.training.train(TrainConfig(**recipe['config']))"}
     if final_eval is not None:
         recipe["eval_train_len"] = {k: final_eval[k] for k in ("length", "n_stories", "min_state_acc",
                                                              "mean_state_acc", "mean_parity_acc")}

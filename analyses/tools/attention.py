@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import check_layers, encode, run_traces
-from analyses.tools.reads import read_pattern
+from interpkit.analyses.tools.common import check_layers, encode, run_traces
+from interpkit.analyses.tools.reads import read_pattern
 from interpkit.errors import UserError
 from interpkit.plots import pyplot, save_cropped
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.tools.common import check_layers, encode, geometry, token_labels
-from analyses.tools.reads import Geometry, first, read_pattern, read_qkv
+from interpkit.analyses.tools.common import check_layers, encode, geometry, token_labels
+from interpkit.analyses.tools.reads import Geometry, first, read_pattern, read_qkv
 from interpkit.errors import UserError
 
 CACHE_SITES = ("resid_pre", "q", "k", "v", "head_out", "pattern", "attn_out", "mlp_out", "resid_post")
@@ -182,7 +182,7 @@ def cache(lm, prompts, sites=("resid_pre",), layers: list[int] | None = None, ma
 
     ``max_bytes``: refuse (before running) when the estimate exceeds it; ``echo`` prints the estimate.
     """
-    from analyses.tools.common import run_traces
+    from interpkit.analyses.tools.common import run_traces
 
     call, finish = cache_call(lm, prompts, sites, layers, max_bytes, echo)
     return finish(run_traces(lm, [call])[0])

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from analyses.tools.common import encode, parse_dtype, token_labels
+from interpkit.analyses.tools.common import encode, parse_dtype, token_labels
 from interpkit.errors import UserError
 
 
@@ -35,11 +35,11 @@ def build_prompts(lm, task: str | None = None, dataset: str | None = None, promp
     if len(given) != 1:
         raise UserError("pass exactly one of --task, --dataset or --prompt")
     if dataset:
-        from tasks.custom import load_dataset
+        from interpkit.tasks.custom import load_dataset
 
         return load_dataset(dataset, lm.tokenizer, n=n, seed=seed, echo=echo, **kw)
     if task:
-        from tasks import get_task
+        from interpkit.tasks import get_task
 
         return get_task(task)(lm.tokenizer, n=n, seed=seed)
     return list(prompts)
@@ -84,7 +84,7 @@ def cache_command(model: str, sites: str = "resid_pre", layers: list[int] | None
                   remote: bool | str = False, dtype: str | None = None, device: str | None = None,
                   max_gb: float = 4.0, out: str = "artifacts", run_id: str | None = None, echo=print) -> dict:
     """``interpkit cache``: activations of the chosen sites to ``<run>/cache.h5`` (one trace)."""
-    from analyses.tools.cache import cache, parse_sites
+    from interpkit.analyses.tools.cache import cache, parse_sites
 
     names = parse_sites(sites)
     lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, prompts, n, seed, echo)
@@ -109,7 +109,7 @@ def logit_lens_command(model: str, task: str | None = None, dataset: str | None 
                        remote: bool | str = False, dtype: str | None = None, device: str | None = None,
                        out: str = "artifacts", run_id: str | None = None, echo=print) -> dict:
     """``interpkit logit-lens``: per layer, top-k tokens; answer probability, rank and logit difference."""
-    from analyses.tools.logit_lens import logit_lens, plot_answer, plot_lens
+    from interpkit.analyses.tools.logit_lens import logit_lens, plot_answer, plot_lens
 
     lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, prompts, n, seed, echo)
     res, seconds = timed(logit_lens, lm, ps, k=top_k)
@@ -145,7 +145,7 @@ def dla_command(model: str, task: str | None = None, dataset: str | None = None,
                 top: int = 10, by_source: bool = False, remote: bool | str = False, dtype: str | None = None,
                 device: str | None = None, out: str = "artifacts", run_id: str | None = None, echo=print) -> dict:
     """``interpkit dla``: the logit difference split into embedding, heads, MLPs (final-norm scale frozen)."""
-    from analyses.tools.dla import dla, plot_dla
+    from interpkit.analyses.tools.dla import dla, plot_dla
 
     lm, ps = load_with_prompts(model, remote, dtype, device, task, dataset, None, n, seed, echo)
     res, seconds = timed(dla, lm, ps, by_source=by_source)
@@ -201,9 +201,9 @@ def attention_command(model: str, task: str | None = None, dataset: str | None =
                       out: str = "artifacts", run_id: str | None = None, echo=print) -> dict:
     """``interpkit attention``: patterns of prompt ``show``; role -> role attention (``--roles end:IO``);
     where ``--dest`` attends on average; previous-token / duplicate / induction head detectors."""
-    from analyses.tools import attention as A
-    from analyses.tools.cache import cache_call
-    from analyses.tools.common import run_traces
+    from interpkit.analyses.tools import attention as A
+    from interpkit.analyses.tools.cache import cache_call
+    from interpkit.analyses.tools.common import run_traces
 
     lm = load(model, remote, dtype, device)
     ps = None
@@ -313,7 +313,7 @@ def steer_command(model: str, layer: int, positive: list[str] | None = None, neg
                   remote: bool | str = False, dtype: str | None = None, device: str | None = None,
                   out: str = "artifacts", run_id: str | None = None, echo=print) -> dict:
     """``interpkit steer``: CAA vector, generations side by side with the unsteered text, coefficient sweep."""
-    from analyses.tools.steering import steer
+    from interpkit.analyses.tools.steering import steer
 
     pos = _lines(positive, positive_file, "positive prompts")
     neg = _lines(negative, negative_file, "negative prompts")

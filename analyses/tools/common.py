@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from analyses.tools.reads import Geometry
+from interpkit.analyses.tools.reads import Geometry
 from interpkit.arch import norm_eps
 from interpkit.errors import UserError
 from interpkit.load_options import DTYPES, parse_dtype  # noqa: F401  (re-exported for the tools)

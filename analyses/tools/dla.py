@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import encode, geometry, run_trace
-from analyses.tools.reads import (Geometry, first, frozen_scale, masked_mean_rows, norm_gain, o_proj_weight,
+from interpkit.analyses.tools.common import encode, geometry, run_trace
+from interpkit.analyses.tools.reads import (Geometry, first, frozen_scale, masked_mean_rows, norm_gain, o_proj_weight,
                                   read_pattern, read_qkv)
 from interpkit.errors import UserError
 from interpkit.metrics import logit_diff

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.tools.common import encode, geometry, run_trace, token_labels
-from analyses.tools.reads import Geometry, first
+from interpkit.analyses.tools.common import encode, geometry, run_trace, token_labels
+from interpkit.analyses.tools.reads import Geometry, first
 from interpkit.errors import UserError
 from interpkit.metrics import logit_diff
 from interpkit.plots import pyplot, save_cropped

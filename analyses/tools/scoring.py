@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from analyses.tools.common import run_trace
+from interpkit.analyses.tools.common import run_trace
 from interpkit.metrics import seq_logprob
-from tasks.base import append_tokens
+from interpkit.tasks.base import append_tokens
 
 
 def trace_logprobs(model, inputs: dict, ans: torch.Tensor, remote=False) -> torch.Tensor:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analyses.tools.common import encode, run_trace
-from analyses.tools.reads import first
+from interpkit.analyses.tools.common import encode, run_trace
+from interpkit.analyses.tools.reads import first
 from interpkit.errors import UserError
 
 
