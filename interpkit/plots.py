@@ -14,14 +14,14 @@ def pyplot():
     return plt
 
 
-def finish(fig, path=None):
+def finish(fig, path=None, dpi: int = 120):
     """Lay out ``fig``; with a ``path``, save it there and close it (long runs make many figures).
     Returns the figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
     return fig
 

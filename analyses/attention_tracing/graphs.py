@@ -17,7 +17,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from interpkit.plots import pyplot
+from interpkit.plots import finish, pyplot
 
 NODE_IDS = {"head": "L{layer}H{head}|{dest}|{src}", "mlp": "MLP{layer}|{dest}", "attn_bias": "BIAS{layer}|{dest}",
             "embed": "EMB|{dest}", "root": "LOGITS|{dest}"}     # node kinds and the format of their ids
@@ -207,8 +207,6 @@ def plot_circuit(G: nx.MultiDiGraph, path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("layer (-1 = embedding)")
     ax.set_yticks([])
     ax.set_title(title or f"{G.number_of_nodes()} nodes, {G.number_of_edges()} edges (blue: query, red: key)")
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    finish(fig, path, dpi=130)
     return path

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
-from interpkit.plots import finish
+from interpkit.plots import finish, pyplot
 from interpkit.tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
                                 make_labels, perm_token_ids, sample_stories, scratchpad_sequence, special_prefix,
                                 symmetric_group)
@@ -834,10 +834,7 @@ def evaluate_length_generalization(model, tokenizer, *, n: int = 3, train_len: i
 
 def plot_accuracy(result: dict, path: str | Path, *, title: str | None = None) -> Path:
     """Accuracy vs position (state and parity) with the 0.98 cutoffs and the training length."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     T = len(result["state_acc"])
     xs = list(range(1, T + 1))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
