@@ -10,7 +10,7 @@
 * batched: ``engine="batched"`` (every restoration as batch rows of full forwards) and its limit, the
            plain HF forwards with the same rows;
 * loop:    ROME's procedure with plain forward hooks, one forward of 1 + S rows per restoration
-           (severed runs: two, as in ROME's notebook), ``tests/causal_tracing_ref.py``.
+           (severed runs: two, as in ROME's notebook), ``tests/references/causal_tracing_ref.py``.
 
 Times are the minimum over ``--reps`` interleaved repetitions (the machine is shared). Targets: the
 engine <= 1.5x its limit and >= 5x faster than the loop.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from interpkit.analyses.causal_tracing import trace as CT  # noqa: E402
-from tests.causal_tracing_ref import ReferenceTracer  # noqa: E402
+from tests.references.causal_tracing_ref import ReferenceTracer  # noqa: E402
 
 SYNTHETIC = ROOT / "artifacts" / "models" / "synthetic-facts-gpt2"
 
@@ -81,7 +81,7 @@ def prefix_limit_fn(lm, fact, cfg, level):
     from interpkit.analyses.causal_tracing import prefix as CP
     from interpkit.engine.inside import apply_write, fill_write
     from interpkit.kv_cache import layer_kv, positions, prefix_cache
-    from tests.causal_tracing_ref import hf_blocks
+    from tests.references.causal_tracing_ref import hf_blocks
 
     L, S = lm.arch.n_layers, cfg.samples
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)

@@ -30,7 +30,7 @@ with ``os.wait4``. Repeats are interleaved row by row and the minimum time is ke
   - ct_limit:   the batched engine's rows as plain HF forwards (bench/bench_causal_tracing.py's limit),
                 the same forwards timed and scaled by rows
   - ct_loop:    ROME's loop, one forward (two for severed) per restoration
-                (``tests/causal_tracing_ref.ReferenceTracer``): ``--loop-samples`` restorations per kind
+                (``tests/references/causal_tracing_ref.ReferenceTracer``): ``--loop-samples`` restorations per kind
                 timed and scaled per kind to the whole grid
 
 Targets (issue): resid and head engine <= 0.15x the limit and >= 20x faster than TL, equal to 1e-4;
@@ -319,7 +319,7 @@ def row_ct_limit(args) -> dict:
 
 def row_ct_loop(args) -> dict:
     from interpkit.analyses.causal_tracing import trace as CT
-    from tests.causal_tracing_ref import ReferenceTracer
+    from tests.references.causal_tracing_ref import ReferenceTracer
 
     lm = load(args)
     fact = ct_fact(lm, args)

@@ -5,7 +5,7 @@ Uniform names (every family): ``embed``, ``layers[i]`` with ``.attn`` (``.attn.o
 ``.ln_attn`` (the norm feeding attention), ``final_norm``, ``unembed``.
 Adding a family is adding one ``Family`` record here and, if its Q/K layout is new, one weight reader
 in ``interpkit/arch.py`` (``QK_READERS``). Nothing else may branch on a family's name
-(``tests/test_families.py`` checks).
+(``tests/unit/test_families.py`` checks).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FACTS_MODEL = str(ROOT / "artifacts" / "models" / "synthetic-facts-gpt2")
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

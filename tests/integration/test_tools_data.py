@@ -15,7 +15,7 @@ from interpkit.tasks import get_task
 from interpkit.tasks.custom import read_dataset
 from tests.conftest import tiny
 
-FACTS_MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
+FACTS_MODEL = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
 
 def write(path: Path, rows) -> str:

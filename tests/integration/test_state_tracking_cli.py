@@ -15,7 +15,7 @@ from interpkit.analyses.state_tracking.training import (TrainConfig, token_maps,
                                 skipped_layers, step_length, train)
 from interpkit.tasks.permutations import build_tokenizer, data_command, load_topic_mapping, sample_stories, symmetric_group
 
-DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
+DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "s3-demo"
 
 
 def tiny(tmp: Path | None = None, **kw) -> TrainConfig:
@@ -222,7 +222,7 @@ def test_looped_training_exports_an_ordinary_model(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # scratchpad: the length-generalising recipe
 # --------------------------------------------------------------------------------------------------
-SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models"
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "models"
 
 
 def test_scratchpad_layout_is_next_token_prediction_of_the_states():

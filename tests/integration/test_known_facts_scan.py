@@ -11,7 +11,7 @@ from interpkit.analyses.causal_tracing import facts as F
 from interpkit.analyses.causal_tracing import trace as CT
 from interpkit.analyses.causal_tracing import known_facts_scan as K
 
-SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
 
 @functools.lru_cache(maxsize=None)

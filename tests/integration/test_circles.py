@@ -13,7 +13,7 @@ from interpkit.errors import UserError
 from interpkit.remote.loopback import frozen
 from tests.conftest import calendar_lm, server_threads
 
-DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
+DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "calendar-demo"
 
 
 def _planted(period=7, n_other=7, d=32, L=3, layer=1, noise=0.05, seed=0):

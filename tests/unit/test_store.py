@@ -34,7 +34,7 @@ WORKER = textwrap.dedent("""
 
 def _run(root, kill_after):
     return subprocess.run([sys.executable, "-c", WORKER, str(root), str(kill_after)],
-                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=60).returncode
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=60).returncode
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from interpkit.analyses.circles.features import CircleConfig, circle_targets, fit_circle, run_circles
 from interpkit.errors import UserError
 
-DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
+DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "calendar-demo"
 needs_demo = pytest.mark.skipif(not DEMO.exists(), reason="artifacts/models/calendar-demo not built")
 
 

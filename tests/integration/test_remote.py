@@ -2,13 +2,12 @@
 
 Every remote test drives nnsight's real ``RemoteBackend`` (``remote=True``, production code unchanged)
 against ``LoopbackNDIF`` on 127.0.0.1, with a tiny random-weight GPT-2 and a word-level tokenizer built
-here (no downloads). The last test talks to the real NDIF and only runs when ``NDIF_API_KEY`` is set.
+here (no downloads). The smoke test against the real NDIF is tests/acceptance/test_ndif_live.py.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import uuid
 
@@ -400,25 +399,3 @@ def test_configure_rejects_bad_values():
         configure(host="api.ndif.us")
     with pytest.raises(UserError):
         configure(api_key="  ")
-
-
-# -- the real service ---------------------------------------------------------------------------------------
-LIVE_MODEL = os.environ.get("INTERPKIT_NDIF_MODEL", "openai-community/gpt2")
-
-
-@pytest.mark.skipif(not os.environ.get("NDIF_API_KEY") or os.environ.get("HF_HUB_OFFLINE", "0") == "1",
-                    reason="live NDIF smoke test: needs NDIF_API_KEY, network, and hub access "
-                           "(export NDIF_API_KEY=... HF_HUB_OFFLINE=0; model from INTERPKIT_NDIF_MODEL)")
-def test_live_ndif_smoke(monkeypatch):
-    from nnsight import CONFIG, TransformersModel
-
-    # the real host and key, even while this module's loopback fixture is up (restored afterwards)
-    monkeypatch.setattr(CONFIG.API, "HOST", os.environ.get("NDIF_HOST", "https://api.ndif.us"))
-    monkeypatch.setattr(CONFIG.API, "APIKEY", os.environ["NDIF_API_KEY"])
-    check_versions(LIVE_MODEL)                      # a mismatch fails here, with the pip fix
-    ensure_shipped()
-    remote = TransformersModel(LIVE_MODEL, dispatch=False)
-    with remote.trace("The Eiffel Tower is in the city of", remote=True):
-        h = remote.transformer.h[0].output[:, -1].save()
-        logits = remote.lm_head.output[:, -1].save()
-    assert logits.shape[-1] == remote.config.vocab_size and torch.isfinite(h).all()

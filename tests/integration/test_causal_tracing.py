@@ -12,10 +12,10 @@ import torch
 from interpkit.analyses.causal_tracing import command as CC
 from interpkit.analyses.causal_tracing import trace as CT
 from interpkit.errors import UserError
-from tests.causal_tracing_ref import ReferenceTracer
+from tests.references.causal_tracing_ref import ReferenceTracer
 from tests.conftest import FAMILIES, sharp, tiny
 
-SHIPPED = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "synthetic-facts-gpt2"
+SHIPPED = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "synthetic-facts-gpt2"
 
 
 # larger weights than the attention tests' (indirect effects far from zero), frozen as NDIF serves them

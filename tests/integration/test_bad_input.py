@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "artifacts" / "models"
 PATCH = ["patch", "--task", "gp", "--model", "tiny:gpt2", "--n", "2", "--layers", "0"]
 PROBE = ["probe", "--model", "tiny:gpt2", "--task", "days", "--targets", "a"]

@@ -15,7 +15,7 @@ from interpkit.errors import UserError
 from interpkit.store import RunStore, remote_scope
 
 CFG = {"chunks": 6, "size": 5}
-ROOT = os.path.dirname(os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
 def _filled(root, n=3) -> RunStore:

@@ -10,7 +10,7 @@ from interpkit.analyses.probing.vprobe import VProbeConfig, run_vprobe
 from interpkit.errors import UserError
 from tests.conftest import calendar_lm
 
-DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "calendar-demo"
+DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "calendar-demo"
 
 
 

@@ -11,7 +11,7 @@ from interpkit.analyses.state_tracking.training import (TrainConfig, cutoff, eva
                                 latest_checkpoint, make_batch, plot_accuracy, train)
 from interpkit.tasks.permutations import build_tokenizer, perm_token_ids, symmetric_group
 
-DEMO = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
+DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "s3-demo"
 
 
 def tiny(tmp: Path | None, **kw) -> TrainConfig:

@@ -440,7 +440,7 @@ def test_patch_command_bad_options(kwargs, message, tmp_path):
 
 def test_family_list_is_complete():
     """The tests' family list (every ``lm`` fixture) is the library's table: a newly added family is tested.
-    That each record builds its tiny model and names real modules is ``tests/test_families.py``."""
+    That each record builds its tiny model and names real modules is ``tests/integration/test_families.py``."""
     from interpkit.families import FAMILIES as RECORDS
 
     assert FAMILIES == list(RECORDS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("interpkit", "analyses", "tasks")          # with cli.py: the import graph's nodes
 SCANNED = (*PACKAGES, "tests", "bench")                # where a private import across modules is refused
 
@@ -133,24 +133,31 @@ def test_code_imports_the_namespaced_names_only():
     assert not bad, "bare top-level imports (use interpkit.<name>):\n" + "\n".join(bad)
 
 
+def _is_test_module(module: str) -> bool:
+    """``tests.test_x`` or, in a tier folder, ``tests.<tier>.test_x``."""
+    parts = module.split(".")
+    return parts[0] == "tests" and len(parts) in (2, 3) and parts[-1].startswith("test_")
+
+
 def _test_module_imports(name: str, path: Path) -> list[tuple[str, int]]:
-    """(tests.test_* module imported, line) for every import of a test module in the file, nested ones too:
-    ``import tests.test_x``, ``from tests.test_x import ...``, ``from tests import test_x`` and the
-    relative spellings."""
+    """(test module imported, line) for every import of a test module in the file, nested ones too:
+    ``import tests.test_x``, ``from tests.test_x import ...``, ``from tests import test_x``, the same in a
+    tier folder (``tests.unit.test_x``, ``from tests.unit import test_x``) and the relative spellings."""
     found = []
     for base, names, line in _imports(name, path):
         targets = [base, *(f"{base}.{n}" for n in names)]
-        found += [(t, line) for t in targets
-                  if t.startswith("tests.test_") and t.count(".") == 1 and t != name]
+        found += [(t, line) for t in targets if _is_test_module(t) and t != name]
     return found
 
 
 def test_test_modules_do_not_import_each_other():
     """A helper two test modules share lives in tests/conftest.py (``from tests.conftest import ...``): one
     test file importing another ties it to that file's internals and module-level code (and a test function
-    imported by name would be collected twice)."""
+    imported by name would be collected twice). Every tier folder (unit/, integration/, ...) is scanned."""
     bad = []
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    paths = sorted((ROOT / "tests").rglob("test_*.py"))
+    assert ROOT / "tests" / "unit" / "test_architecture.py" in paths     # the tier folders are scanned
+    for path in paths:
         name = _module_name(path)
         bad += [f"{path.relative_to(ROOT)}:{line} imports {target}"
                 for target, line in _test_module_imports(name, path)]
@@ -164,8 +171,13 @@ def test_the_test_module_import_check_itself(tmp_path):
     src = tmp_path / "test_a.py"
     src.write_text("import tests.test_b\nfrom tests.test_c import x\nfrom tests import test_d, conftest\n"
                    "from .test_e import y\nfrom . import test_f\nfrom tests.conftest import tiny\n"
-                   "from tests.causal_tracing_ref import z\nimport tests.test_a\n"
+                   "from tests.references.causal_tracing_ref import z\nimport tests.test_a\n"
                    "def f():\n    from tests.test_g import w\n")
     found = _test_module_imports("tests.test_a", src)
     assert sorted(found) == [("tests.test_b", 1), ("tests.test_c", 2), ("tests.test_d", 3), ("tests.test_e", 4),
                              ("tests.test_f", 5), ("tests.test_g", 10)]
+    tiered = tmp_path / "test_h.py"
+    tiered.write_text("from tests.integration.test_b import x\nfrom tests.unit import test_c, conftest\n"
+                      "from .test_d import y\nfrom tests.references.acc_selection import z\n")
+    found = _test_module_imports("tests.unit.test_h", tiered)
+    assert sorted(found) == [("tests.integration.test_b", 1), ("tests.unit.test_c", 2), ("tests.unit.test_d", 3)]

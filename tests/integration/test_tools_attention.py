@@ -127,7 +127,7 @@ def test_role_attention_and_profile_match_the_cache():
 
 def test_s3_demo_final_position_attention(tmp_path):
     """On the shipped S3 model: where the final position attends, per layer (mean over heads and stories)."""
-    path = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "s3-demo"
+    path = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "s3-demo"
     if not (path / "config.json").exists():
         pytest.skip("the S3 demo model is not shipped in this checkout")
     from interpkit.analyses.tools.command import attention_command
