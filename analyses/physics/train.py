@@ -8,7 +8,6 @@ loss; for iGSM only the solution is supervised. The final model goes to ``output
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
+from interpkit.optim import adamw, lr_at
 from interpkit.analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
 
 TASKS = ("cfg", "igsm")
@@ -58,10 +58,8 @@ class PhysicsTrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then cosine decay to min_lr_ratio x lr."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        frac = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, steps=self.steps,
+                     min_lr_ratio=self.min_lr_ratio)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PhysicsTrainConfig":
@@ -94,13 +92,7 @@ def make_task(name: str, options: dict) -> LMTask:
 
 
 def _optimizer_factory(cfg: PhysicsTrainConfig):
-    """AdamW with weight decay on matrices only (the checkpoint format stores its moments)."""
-    def factory(model):
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-    return factory
+    return lambda model: adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def build_model(cfg: PhysicsTrainConfig, tokenizer):

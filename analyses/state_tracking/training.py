@@ -30,7 +30,6 @@ Determinism holds for a fixed thread count only (1 and 2 threads give different 
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import time
@@ -41,6 +40,7 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
+from interpkit.optim import adamw, lr_at
 from interpkit.plots import finish, pyplot
 from interpkit.tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
                                 make_labels, perm_token_ids, sample_stories, scratchpad_sequence, special_prefix,
@@ -153,13 +153,8 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warmup, then cosine/linear decay to min_lr."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        frac = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if self.schedule == "cosine" else 1 - frac
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * decay)
+        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, steps=self.steps,
+                     min_lr_ratio=self.min_lr_ratio, schedule=self.schedule)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -415,11 +410,7 @@ def untied(model):
 def _make_optimizer(cfg: TrainConfig):
     def factory(model):
         tie_layers(model, cfg)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+        return adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return factory
 
 
