@@ -53,6 +53,7 @@ class Family:
     attn_norm: str = "input_layernorm"
     post_attn_norm: str | None = None   # norm on the attention output before the residual add (Gemma-2;
                                         # Llama's post_attention_layernorm is the MLP input norm, not this)
+    post_mlp_norm: str | None = None    # norm on the MLP output before the residual add (Gemma-2)
     o_proj: str = "o_proj"
     qk_layout: str = "separate"    # "fused_conv1d" | "neox_interleaved" | "separate": how Q and K sit in
                                    # the projection weights (a reader in interpkit.arch.QK_READERS)
@@ -107,7 +108,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(
         name="gemma2", model_types=("gemma2",), norm="rmsnorm", tokenizer="sentencepiece", norm_offset=1.0,
         rotary=True, rename=dict(_DECODER), post_attn_norm="post_attention_layernorm",
-        softcap_attr="attn_logit_softcapping",
+        post_mlp_norm="post_feedforward_layernorm", softcap_attr="attn_logit_softcapping",
         tiny=Tiny("Gemma2Config", sizes={**_GQA_SIZES, "head_dim": "d_head", "query_pre_attn_scalar": "d_head"},
                   fixed=dict(_POSITIONS, sliding_window=256), ffn_mult=2, kv_groups=2),
         hub_examples=("google/gemma-2-2b", "google/gemma-2-9b"),

@@ -20,7 +20,8 @@ def geometry(lm) -> Geometry:
                     d_head=a.d_head, d_model=a.d_model, norm=fam.norm, norm_offset=fam.norm_offset,
                     eps=norm_eps(a.final_norm()),
                     softcap=float(getattr(hf.config, "final_logit_softcapping", None) or 0.0),
-                    post_norms=post is not None, post_eps=norm_eps(post) if post is not None else 0.0,
+                    post_attn_norm=fam.post_attn_norm, post_mlp_norm=fam.post_mlp_norm,
+                    post_eps=norm_eps(post) if post is not None else 0.0,
                     qk_layout=fam.qk_layout, qkv=fam.qkv, conv1d=fam.conv1d,
                     o_bias=getattr(a.o_proj(0), "bias", None) is not None,
                     unembed_bias=getattr(out_emb, "bias", None) is not None)

@@ -76,11 +76,11 @@ def trace_dla(model, inputs: dict, g: Geometry, answer: torch.Tensor, wrong: tor
             post = torch.ones_like(hv[:, 0])                                      # [B, d] frozen post-norm
             if by_source:
                 A = read_pattern(model, layer)[:, :, -1].float()                  # [B, H, T]
-            if g.post_norms:
+            if g.post_attn_norm is not None:
                 attn_out = first(block.attn.output)[:, -1]
-                post = (norm_gain(block.post_attention_layernorm, 1.0)
-                        / frozen_scale(attn_out, "rmsnorm", g.post_eps))
-                mlp = first(block.post_feedforward_layernorm.output)[:, -1].float()
+                post = (norm_gain(getattr(block, g.post_attn_norm), g.norm_offset)
+                        / frozen_scale(attn_out, g.norm, g.post_eps))
+                mlp = first(getattr(block, g.post_mlp_norm).output)[:, -1].float()
             else:
                 mlp = first(block.mlp.output)[:, -1].float()
             head_vecs.append(hv * post[:, None])

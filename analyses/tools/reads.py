@@ -25,7 +25,8 @@ class Geometry:
     norm_offset: float      # Gemma: the norm multiplies by (1 + weight)
     eps: float              # the final norm's epsilon
     softcap: float          # Gemma-2's final logit soft-cap (0: none)
-    post_norms: bool        # Gemma-2: attention/MLP outputs pass a norm before the residual
+    post_attn_norm: str | None   # Gemma-2: the block's norm on the attention output (``Family.post_attn_norm``)
+    post_mlp_norm: str | None    # ... and on the MLP output; None: outputs go to the residual as they are
     post_eps: float         # epsilon of those post norms
     qk_layout: str          # fused_conv1d | neox_interleaved | separate (``Family.qk_layout``)
     qkv: tuple              # the attention's projection module name(s) of that layout
