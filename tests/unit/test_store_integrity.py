@@ -199,19 +199,3 @@ def test_remote_and_local_runs_of_one_config_are_kept_apart(tmp_path, monkeypatc
     a.close()
     monkeypatch.setattr(CONFIG.API, "HOST", "http://127.0.0.1:6000")
     assert RunStore("demo", CFG, model="m", root=tmp_path, remote=True, readonly=True).dir == a.dir
-
-
-def test_remote_patch_run_does_not_reuse_a_local_one(tmp_path):
-    """The reported bug: a --remote run in a folder holding the same local run sent 0 requests."""
-    from interpkit.analyses.patching.command import patch_command
-    from interpkit.models import load_model
-    from interpkit.remote.loopback import LoopbackNDIF
-
-    kw = dict(task="gp", model="tiny:gpt2", n=2, layers=[0], engine="full", root=str(tmp_path), echo=lambda line: None)
-    local = patch_command(**kw)
-    with LoopbackNDIF(load_model("tiny:gpt2").model, timeout=120) as server:
-        remote = patch_command(**kw, remote=True)
-        assert server.n_requests >= 1
-    assert remote["run_dir"] != local["run_dir"]
-    manifest = json.loads(open(os.path.join(remote["run_dir"], "manifest.json")).read())
-    assert manifest["remote"]["id"] == "loopback" and manifest["remote"]["host"].startswith("http://127.0.0.1:")
