@@ -232,7 +232,8 @@ def train_options(recipe: str | None, output_dir: str, given: dict) -> dict:
 
     count("--n", given.get("n"), 2)
     for opt, key in (("--layers", "n_layers"), ("--d-model", "d_model"), ("--heads", "n_heads"),
-                     ("--train-len", "train_len"), ("--steps", "steps"), ("--batch-size", "batch_size")):
+                     ("--train-len", "train_len"), ("--steps", "steps"), ("--batch-size", "batch_size"),
+                     ("--window", "window")):
         count(opt, given.get(key))
     at_least("--lr", given.get("lr"), 0.0, strict=True)
     seed("--seed", given.get("seed"))

@@ -1,9 +1,7 @@
 """`interpkit eval`: length generalisation, layer skipping, random baseline, lengthwise probe, signature."""
 from __future__ import annotations
 
-
 import torch
-
 
 # --------------------------------------------------------------------------------------------------
 # `interpkit eval`: length generalisation, layer skipping, random baseline, lengthwise probe
@@ -33,7 +31,11 @@ def parse_lengths(text: str) -> list[int]:
 def story_prompts(tokenizer, group: int = 3, scratchpad: bool = False):
     """``make_prompts(length, n, seed)`` for ``analyses.probing.linear.lengthwise_probe``: random stories of S_group
     (with their true states interleaved for scratchpad models) with final-state and final-parity labels."""
-    from interpkit.tasks.permutations import sample_stories, story_tokens, symmetric_group
+    from interpkit.tasks.permutations import (
+        sample_stories,
+        story_tokens,
+        symmetric_group,
+    )
 
     def make(length: int, n: int, seed: int):
         st = sample_stories(n, length, group, seed=seed)
@@ -53,9 +55,13 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
     import json
     from pathlib import Path
 
+    from interpkit.analyses.state_tracking.training import (
+        evaluate_length_generalization,
+        plot_accuracy,
+    )
+
     from interpkit.errors import UserError
     from interpkit.models import load_model
-    from interpkit.analyses.state_tracking.training import evaluate_length_generalization, plot_accuracy
 
     checks = [(dtype in ("float32", "bfloat16"), f"--dtype {dtype!r}; use float32 or bfloat16"),
               (factor >= 1, "--factor must be >= 1"), (stories >= 1, "--stories must be >= 1"),
@@ -78,7 +84,8 @@ def eval_command(model: str, *, factor: int = 2, train_len: int | None = None, n
 
         lm, label = random_like(lm, seed=seed), f"{model} (random weights)"
     res = evaluate_length_generalization(lm.hf, lm.tokenizer, n=n, train_len=train_len, factor=factor,
-                                         n_stories=stories, seed=seed, skip_layers=skip_layers, scratchpad=scratchpad)
+                                         n_stories=stories, seed=seed, skip_layers=skip_layers, scratchpad=scratchpad,
+                                         progress=True)
     res.update(model=label, dtype=dtype, skip_layers=skip_layers or [], random_baseline=random_baseline,
                scratchpad=scratchpad)
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -95,23 +95,33 @@ def measure_signature(lm, n: int, length: int, *, scratchpad: bool = False, n_pr
     signature. ``scratchpad`` models see their true states interleaved (the format they were trained on)."""
     from interpkit.analyses.patching.sweep import PatchConfig, run_patching
     from interpkit.analyses.probing.linear import ProbeConfig, probe_layers
-    from interpkit.tasks.permutations import parity_pairs, sample_stories, story_tokens, symmetric_group
+    from interpkit.tasks.permutations import (
+        parity_pairs,
+        sample_stories,
+        story_tokens,
+        symmetric_group,
+    )
 
-    st = sample_stories(n_probe, length, n, seed=probe_seed)
-    ids, _, first, last = story_tokens(st.actions, lm.tokenizer, n, scratchpad)
-    cols = torch.arange(first, last + 1, 1 + int(scratchpad))          # the action columns
-    labels = {}
-    for name, values in (("state", st.states), ("parity", symmetric_group(n).parity[st.states])):
-        lab = torch.full(ids.shape, -1, dtype=torch.long)
-        lab[:, cols] = values
-        labels[name] = lab
-    probes = probe_layers(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels,
-                          positions="all", cfg=ProbeConfig(seed=0))
-    sweeps, boundaries = {}, {}
-    for kind, seed in zip(("same", "diff"), pair_seeds):
-        pairs = parity_pairs(lm.tokenizer, n_pairs, length, n, seed=seed, parity=kind, scratchpad=scratchpad)
-        sweeps[kind] = run_patching(lm, pairs, PatchConfig(site="resid_post", region="prefix", direction="noise"))
-        boundaries[kind] = prefix_boundary(sweeps[kind].effect(), sweeps[kind].cells)
+    from interpkit.progress import stage
+
+    with stage("signature (probes, same- and other-parity patching)", 3, "steps") as bar:
+        st = sample_stories(n_probe, length, n, seed=probe_seed)
+        ids, _, first, last = story_tokens(st.actions, lm.tokenizer, n, scratchpad)
+        cols = torch.arange(first, last + 1, 1 + int(scratchpad))          # the action columns
+        labels = {}
+        for name, values in (("state", st.states), ("parity", symmetric_group(n).parity[st.states])):
+            lab = torch.full(ids.shape, -1, dtype=torch.long)
+            lab[:, cols] = values
+            labels[name] = lab
+        probes = probe_layers(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels,
+                              positions="all", cfg=ProbeConfig(seed=0))
+        bar.advance()
+        sweeps, boundaries = {}, {}
+        for kind, seed in zip(("same", "diff"), pair_seeds):
+            pairs = parity_pairs(lm.tokenizer, n_pairs, length, n, seed=seed, parity=kind, scratchpad=scratchpad)
+            sweeps[kind] = run_patching(lm, pairs, PatchConfig(site="resid_post", region="prefix", direction="noise"))
+            boundaries[kind] = prefix_boundary(sweeps[kind].effect(), sweeps[kind].cells)
+            bar.advance()
     i_state, i_parity = probes.targets.index("state"), probes.targets.index("parity")
     sig = signature(probes.test_acc[i_state], probes.test_acc[i_parity], boundaries["same"], boundaries["diff"])
     return SignatureRun(sig, probes, sweeps, boundaries)

@@ -38,13 +38,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from interpkit.tasks.permutations import (
+    SUPERVISIONS,
+    add_permutation_tokens,
+    build_tokenizer,
+    encode_actions,
+    make_labels,
+    perm_token_ids,
+    sample_stories,
+    scratchpad_sequence,
+    special_prefix,
+    symmetric_group,
+)
 
 from interpkit.errors import UserError
 from interpkit.optim import adamw, lr_at
 from interpkit.plots import finish, pyplot
-from interpkit.tasks.permutations import (SUPERVISIONS, add_permutation_tokens, build_tokenizer, encode_actions,
-                                make_labels, perm_token_ids, sample_stories, scratchpad_sequence, special_prefix,
-                                symmetric_group)
 
 CUTOFF = 0.98
 ARCHS = ("gpt2", "neox", "mistral")       # from-scratch architectures (``TrainConfig.arch``)
@@ -132,8 +141,9 @@ class TrainConfig:
                   (self.random_positions is None or self.random_positions >= self.train_len + 1,
                    f"random_positions must be >= train_len + 1 ({self.train_len + 1})"),
                   (self.dtype in ("float32", "bfloat16"), f"dtype {self.dtype!r}; use float32 or bfloat16"),
-                  (self.window is None or (self.arch == "mistral" and self.window >= 1),
-                   "window needs arch mistral and is >= 1"),
+                  (self.window is None or self.window >= 1, f"window must be >= 1, got {self.window}"),
+                  (self.window is None or self.arch == "mistral",
+                   "window (sliding-window attention) needs arch mistral, e.g. --arch mistral --window 2"),
                   (self.min_len is None or 1 <= self.min_len <= self.train_len,
                    f"min_len must be in 1..train_len ({self.train_len})"),
                   (self.patience is None or self.patience >= 1, "patience must be >= 1"),
@@ -264,7 +274,6 @@ def topic_word_matrix(cfg: TrainConfig):
     """The run's [n_topics, n!] topic-word distributions: from ``topic_mapping`` (JSON) or Dir(beta)
     drawn from the run seed, exactly as ``topic_model_stories(seed=cfg.seed)`` draws them."""
     import numpy as np
-
     from interpkit.tasks.permutations import load_topic_mapping, symmetric_group
 
     if cfg.topic_mapping:
@@ -640,8 +649,14 @@ class _progress:
 
     def __enter__(self):
         if self.cfg.progress and self.tty:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
             self.bar.__enter__()
@@ -699,7 +714,7 @@ def train_command(recipe: str | None, output_dir: str, options: dict, *, resume:
 @torch.no_grad()
 def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int = 1000, seed: int = 12345,
              batch_size: int = 256, dtype: str = "float32",
-             skip_layers: list[int] | None = None, scratchpad: bool = False) -> dict:
+             skip_layers: list[int] | None = None, scratchpad: bool = False, progress: bool = False) -> dict:
     """State and parity accuracy per position on ``n_stories`` fresh random stories of ``length``.
 
     Logits are restricted to the (space-prefixed) permutation tokens; the prediction is their argmax;
@@ -709,11 +724,12 @@ def evaluate(model, tokenizer, *, n: int = 3, length: int = 32, n_stories: int =
     blocks pass the residual stream through unchanged (the seed's layer-skipping ablation).
     ``scratchpad``: the model generates its states (``scratchpad_sequence``), greedily, each predicted
     state fed back before the next action; accuracy compares the generated states with the true ones.
+    ``progress``: a bar over the batches (commands; training's periodic evaluations stay quiet).
     """
     with skipped_layers(model, skip_layers or []):
         with (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else _nullcontext()):
             return _evaluate(model, tokenizer, n=n, length=length, n_stories=n_stories, seed=seed,
-                             batch_size=batch_size, scratchpad=scratchpad)
+                             batch_size=batch_size, scratchpad=scratchpad, progress=progress)
 
 
 def _nullcontext():
@@ -777,7 +793,9 @@ def state_logits(model, tokenizer, actions: torch.Tensor, n: int, scratchpad: bo
 
 
 def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: int, batch_size: int,
-              scratchpad: bool = False) -> dict:
+              scratchpad: bool = False, progress: bool = False) -> dict:
+    from interpkit.progress import stage
+
     was_training = model.training
     model.eval()
     g = symmetric_group(n)
@@ -785,13 +803,16 @@ def _evaluate(model, tokenizer, *, n: int, length: int, n_stories: int, seed: in
     correct = torch.zeros(length)
     par_ok = torch.zeros(length)
     p_true = torch.zeros(length)
-    for i in range(0, n_stories, batch_size):
-        logits = state_logits(model, tokenizer, st.actions[i:i + batch_size], n, scratchpad)
-        pred = logits.argmax(-1)
-        true = st.states[i:i + batch_size]
-        correct += (pred == true).float().sum(0)
-        par_ok += (g.parity[pred] == g.parity[true]).float().sum(0)
-        p_true += logits.softmax(-1).gather(-1, true[..., None])[..., 0].sum(0)
+    starts = range(0, n_stories, batch_size)
+    with stage(f"evaluating {n_stories} stories of {length}", len(starts), "batches", enabled=progress) as bar:
+        for i in starts:
+            logits = state_logits(model, tokenizer, st.actions[i:i + batch_size], n, scratchpad)
+            pred = logits.argmax(-1)
+            true = st.states[i:i + batch_size]
+            correct += (pred == true).float().sum(0)
+            par_ok += (g.parity[pred] == g.parity[true]).float().sum(0)
+            p_true += logits.softmax(-1).gather(-1, true[..., None])[..., 0].sum(0)
+            bar.advance()
     if was_training:
         model.train()
     state_acc, parity_acc = correct / n_stories, par_ok / n_stories
@@ -813,10 +834,11 @@ def cutoff(acc: torch.Tensor | list[float], threshold: float = CUTOFF) -> int | 
 
 def evaluate_length_generalization(model, tokenizer, *, n: int = 3, train_len: int = 16, factor: int = 2,
                                    n_stories: int = 1000, seed: int = 12345, dtype: str = "float32",
-                                   skip_layers: list[int] | None = None, scratchpad: bool = False) -> dict:
+                                   skip_layers: list[int] | None = None, scratchpad: bool = False,
+                                   progress: bool = False) -> dict:
     """``evaluate`` at ``factor`` x the training length, plus accuracy summaries inside/beyond it."""
     res = evaluate(model, tokenizer, n=n, length=factor * train_len, n_stories=n_stories, seed=seed,
-                   dtype=dtype, skip_layers=skip_layers, scratchpad=scratchpad)
+                   dtype=dtype, skip_layers=skip_layers, scratchpad=scratchpad, progress=progress)
     res["train_len"] = train_len
     res["min_state_acc_in_train_len"] = min(res["state_acc"][:train_len])
     res["mean_state_acc_beyond"] = sum(res["state_acc"][train_len:]) / max(1, len(res["state_acc"][train_len:]))

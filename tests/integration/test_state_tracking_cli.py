@@ -299,4 +299,4 @@ def test_eval_cli_signature_of_the_scratchpad_model(tmp_path, monkeypatch, capsy
 
 def test_window_needs_mistral(monkeypatch, capsys, tmp_path):
     code, out, err = _cli(monkeypatch, capsys, "train", "--output-dir", str(tmp_path / "m"), "--window", "2")
-    assert code == 2 and "window needs arch mistral" in err and "Traceback" not in err
+    assert code == 2 and "needs arch mistral" in err and "Traceback" not in err
