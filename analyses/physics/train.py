@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 
 from interpkit.errors import UserError
-from interpkit.optim import adamw, lr_at
+from interpkit.optim import Optimisation
 from interpkit.analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
 
 TASKS = ("cfg", "igsm")
 
 
 @dataclass
-class PhysicsTrainConfig:
+class PhysicsTrainConfig(Optimisation):
     """A training run (saved in checkpoints and recipe.json)."""
 
     task: str = "cfg"
@@ -34,15 +34,10 @@ class PhysicsTrainConfig:
     d_mlp: int | None = None
     max_positions: int = 128
     init_std: float = 0.02
-    steps: int = 2000
+    steps: int = 2000                     # Optimisation fields with this trainer's defaults
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    seed: int = 0
     threads: int | None = 1
     output_dir: str | None = None
     save_every: int = 200
@@ -55,11 +50,6 @@ class PhysicsTrainConfig:
             raise UserError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if self.d_model % self.n_heads:
             raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to min_lr_ratio x lr."""
-        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, steps=self.steps,
-                     min_lr_ratio=self.min_lr_ratio)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PhysicsTrainConfig":
@@ -92,7 +82,7 @@ def make_task(name: str, options: dict) -> LMTask:
 
 
 def _optimizer_factory(cfg: PhysicsTrainConfig):
-    return lambda model: adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return cfg.optimizer
 
 
 def build_model(cfg: PhysicsTrainConfig, tokenizer):

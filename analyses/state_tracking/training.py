@@ -52,7 +52,7 @@ from interpkit.tasks.permutations import (
 )
 
 from interpkit.errors import UserError
-from interpkit.optim import adamw, lr_at
+from interpkit.optim import Optimisation
 from interpkit.plots import finish, pyplot
 
 CUTOFF = 0.98
@@ -62,7 +62,7 @@ _EVAL_SEED_OFFSET = 7_919_000_003        # held-out stories never share a genera
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Optimisation):
     """Everything that defines a training run (saved in every checkpoint and in recipe.json)."""
 
     n: int = 3                            # S_n
@@ -101,18 +101,7 @@ class TrainConfig:
     advance_acc: float | None = None      # adaptive curriculum (used when set): grow the length by
     len_step: int = 1                     # len_step once the running (EMA 0.9) last-position training
     min_steps_per_len: int = 20           # accuracy >= advance_acc, at least min_steps_per_len steps apart
-    # optimisation
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    schedule: str = "cosine"              # "cosine", "linear" or "constant" (after warmup)
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int | None = 2
+    # optimisation: the fields of interpkit.optim.Optimisation
     # evaluation, stopping, saving
     eval_every: int = 100
     eval_stories: int = 512
@@ -160,11 +149,6 @@ class TrainConfig:
             return self.train_len
         frac = step / self.curriculum_steps
         return min(self.train_len, self.start_len + int(frac * (self.train_len - self.start_len + 1)))
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of ``step`` (0-based): linear warmup, then cosine/linear decay to min_lr."""
-        return lr_at(step, lr=self.lr, warmup_steps=self.warmup_steps, steps=self.steps,
-                     min_lr_ratio=self.min_lr_ratio, schedule=self.schedule)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -419,7 +403,7 @@ def untied(model):
 def _make_optimizer(cfg: TrainConfig):
     def factory(model):
         tie_layers(model, cfg)
-        return adamw(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return cfg.optimizer(model)
     return factory
 
 
