@@ -80,12 +80,15 @@ def prefix_limit_fn(lm, fact, cfg, level):
     """The plain forwards the prefix engine runs for ``fact`` (inputs prepared once, outside the timing)."""
     from interpkit.analyses.causal_tracing import prefix as CP
     from interpkit.engine.inside import apply_write, fill_write
+    from interpkit.engine.plan import ForwardCost
     from interpkit.kv_cache import layer_kv, positions, prefix_cache
     from tests.references.causal_tracing_ref import hf_blocks
 
     L, S = lm.arch.n_layers, cfg.samples
     rest = CT.grid(cfg.all_kinds(), len(fact.ids), L)
-    plan = CP.plan_fact(rest, len(fact.ids), fact.subject_first, L, cfg.window, S, cfg.max_rows, cfg.blocks)
+    shape = CP.FactShape(len(fact.ids), fact.subject_first, L, cfg.window, S, cfg.max_rows,
+                         cost=ForwardCost.for_model(lm.arch))
+    plan = CP.plan_fact(rest, shape)
     job = CP.FactJob(fact, CT.fact_noise(cfg, fact, lm.arch.d_model, level), rest, torch.tensor([-1]))
     sweep = CP.fact_sweep(job, plan, S, L)
     x = fact.ids[None].expand(S + 1, -1)
@@ -125,9 +128,9 @@ def prefix_limit_fn(lm, fact, cfg, level):
     return limit, plan
 
 
-def bench(name: str, kinds: list[str], reps: int, blocks: int) -> dict:
+def bench(name: str, kinds: list[str], reps: int) -> dict:
     lm, fact = model_and_fact(name)
-    base = dict(kinds=[k for k in kinds if k in CT.BASE_KINDS], severed="severed_mlp" in kinds, blocks=blocks)
+    base = dict(kinds=[k for k in kinds if k in CT.BASE_KINDS], severed="severed_mlp" in kinds)
     cfg, cfg_b = CT.TraceConfig(**base), CT.TraceConfig(**base, engine="batched")
     level = 0.1
     L, T = lm.arch.n_layers, len(fact.ids)
@@ -173,13 +176,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="synthetic,tiny-llama,gpt2-6x256")
-    ap.add_argument("--blocks", type=int, default=CT.TraceConfig.blocks, help="prefix engine's blocks per axis")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
     for name in args.models.split(","):
         for kinds in (list(CT.BASE_KINDS), list(CT.BASE_KINDS) + list(CT.SEVERED_KINDS)):
-            results.append(bench(name, kinds, args.reps, args.blocks))
+            results.append(bench(name, kinds, args.reps))
             r = results[-1]
             print(f"{r['model']:<11} {r['kinds']:<40} T={r['T']} L={r['L']} restorations={r['restorations']} "
                   f"(unique {r['unique']}, {r['chunks']} chunks, {r['work']:.2f} of the token-layers): "

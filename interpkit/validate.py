@@ -322,7 +322,7 @@ def causal_trace_options(model: str, facts: int | None, noise_: str | None, conf
     if config is not None:
         values = yaml_mapping("--config", config)
         dataclass_values(f"--config {config}", values, config_cls)
-        for key in ("samples", "window", "max_rows", "blocks", "facts_per_chunk"):
+        for key in ("samples", "window", "max_rows", "facts_per_chunk"):
             count(f"--config {config}: {key}", values.get(key))
         seed(f"--config {config}: seed", values.get("seed"))
         noise(f"--config {config}: noise", values.get("noise"))

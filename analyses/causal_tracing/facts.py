@@ -85,10 +85,21 @@ def subject_mask(prompts) -> torch.Tensor:
     return sub
 
 
-def subject_batches(prompts, max_rows: int) -> tuple[torch.Tensor, list[tuple[dict, torch.Tensor]]]:
-    """(subject mask [N, T], [(inputs, subject mask)] per ``max_rows`` prompts), with position ids that
+@dataclass(repr=False)
+class SubjectBatch:
+    """Up to ``max_rows`` prompts as one forward's inputs, with their subject tokens' mask [n, T]
+    (no generated ``__repr__``: it travels to NDIF by value)."""
+
+    inputs: dict
+    subject: torch.Tensor
+
+
+def subject_batches(prompts, max_rows: int) -> tuple[torch.Tensor, list[SubjectBatch]]:
+    """(subject mask [N, T], one ``SubjectBatch`` per ``max_rows`` prompts), with position ids that
     count from each prompt's first real token (left padding moves no position)."""
     sub = subject_mask(prompts)
     pos = (prompts.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return sub, [({"input_ids": prompts.input_ids[i:i + max_rows], "attention_mask": prompts.attention_mask[i:i + max_rows],
-                   "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows]) for i in range(0, len(prompts), max_rows)]
+    return sub, [SubjectBatch({"input_ids": prompts.input_ids[i:i + max_rows],
+                               "attention_mask": prompts.attention_mask[i:i + max_rows],
+                               "position_ids": pos[i:i + max_rows]}, sub[i:i + max_rows])
+                 for i in range(0, len(prompts), max_rows)]

@@ -148,16 +148,16 @@ class NoiseModel:
 def subject_embeddings(lm, prompts, max_rows: int = 256) -> list[torch.Tensor]:
     """Per prompt, the embedding output at its subject tokens [n_i, d] (the model's dtype)."""
     sub, jobs = subject_batches(prompts, max_rows)
-    outs = run_traces(lm.model, _embedding_trace, jobs, lm.remote)
+    outs = run_traces(lm.model, _embedding_trace, [(b,) for b in jobs], lm.remote)
     flat = torch.cat(outs)
     counts = sub.sum(1).tolist()
     return list(torch.split(flat, counts))
 
 
-def _embedding_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
-    with model.trace(inputs, logits_to_keep=1, remote=remote) as tracer:
+def _embedding_trace(model, batch):
+    with model.trace(batch.inputs, logits_to_keep=1) as tracer:
         e = model.embed.output
-        x = e[sub.to(e.device)].detach().cpu().save()
+        x = e[batch.subject.to(e.device)].detach().cpu().save()
         tracer.stop()                              # only the embeddings are needed
     return x
 

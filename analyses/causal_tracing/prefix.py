@@ -14,11 +14,10 @@ the key/value cache, the residual stream and the values the writes copy. On top 
   l computes layers l + 1.. only;
 * identical restorations (windows clipped at the ends of the model) are computed once.
 
-Restorations are grouped into chunks by (position block, layer block); a chunk starting at position p0
-and layer l0 is one forward over tokens p0.. with the corrupted samples' cache for the positions < p0 and
-the layers < l0 skipped (``.skip`` with the starting state). ``blocks`` blocks per axis trade fewer
-forwards against less skipped work (5, the default: on smollm2-135m's first 60 known facts, all five
-kinds, 1.27x the minimal token-layers in 23 forwards per fact; 3 blocks: 1.51x in 17; 12: 1.07x in 83).
+Restorations are grouped into chunks by the sweep engine's planner (``interpkit.engine.plan.group_by_start``:
+the grouping of least estimated cost, trading fewer forwards against less skipped work); a chunk
+starting at position p0 and layer l0 is one forward over tokens p0.. with the corrupted samples' cache
+for the positions < p0 and the layers < l0 skipped (``.skip`` with the starting state).
 Results equal ``causal_tracing``'s batched engine to float tolerance (tested against the
 plain-hook reference). A fact's plan becomes an engine ``Sweep`` (``fact_sweep``): the reference is the
 base run (rows: clean + S corrupted samples, noise on the subject's embeddings), each chunk a ``Suffix``
@@ -28,11 +27,12 @@ and cache staying on the server.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from interpkit.engine.inside import ANSWER_PROB, Noise, Readout, Reference, Suffix, Sweep, Write
+from interpkit.engine.plan import ForwardCost, group_by_start
 from interpkit.engine.run import run_sweeps
 
 ATTN, MLP, RESID = 0, 1, 2                        # sites within a layer, in forward order
@@ -127,43 +127,43 @@ def first_layer(writes: tuple) -> int:
     return min(lay + 1 if site_ == RESID else lay for lay, site_, _, _ in writes)
 
 
-def plan_fact(restorations: list, n_tokens: int, subject_first: int, n_layers: int, window: int, samples: int,
-              max_rows: int, blocks: int, n_read: int = 1) -> FactPlan:
-    """``n_read``: how many last positions' logits score the answer (a multi-token answer's length)."""
+@dataclass(frozen=True)
+class FactShape:
+    """What planning a fact needs besides its restorations: its length, where the subject starts, the
+    model's depth, the window and samples of the trace, the rows per forward, how many last positions'
+    logits score the answer (a multi-token answer's length) and the cost of a forward (how rows group)."""
+
+    n_tokens: int
+    subject_first: int
+    n_layers: int
+    window: int
+    samples: int
+    max_rows: int
+    n_read: int = 1
+    cost: ForwardCost = field(default_factory=ForwardCost)
+
+
+def plan_fact(restorations: list, shape: FactShape) -> FactPlan:
+    """The distinct restorations that need computing and their grouping into forwards (module doc)."""
+    T, L, S = shape.n_tokens, shape.n_layers, shape.samples
     unique: list[tuple] = []
     index: dict[tuple, int] = {}
     source = []
     for spec in restorations:
-        w = normalise(restoration_writes(spec, window, n_layers), n_tokens, n_layers, subject_first, n_read)
+        w = normalise(restoration_writes(spec, shape.window, L), T, L, shape.subject_first, shape.n_read)
         if not w:
             source.append(("low",))
-        elif first_layer(w) == n_layers and n_read == 1:  # only h^(L-1) at the last position is written
+        elif first_layer(w) == L and shape.n_read == 1:     # only h^(L-1) at the last position is written
             source.append(("low",) if w[0][3] else ("high",))
         else:
             if w not in index:
                 index[w] = len(unique)
                 unique.append(w)
             source.append(("unique", index[w]))
-    starts_p = _starts(sorted({min(x[2] for x in w) for w in unique}), blocks)
-    starts_l = _starts(sorted({first_layer(w) for w in unique}), blocks)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for u, w in enumerate(unique):
-        p0 = max(p for p in starts_p if p <= min(x[2] for x in w))
-        l0 = max(l for l in starts_l if l <= first_layer(w))
-        groups.setdefault((p0, l0), []).append(u)
-    per = max(1, max_rows // samples)
-    chunks = [Chunk(p0, l0, items[i:i + per]) for (p0, l0), items in sorted(groups.items())
-              for i in range(0, len(items), per)]
+    starts = [(min(x[2] for x in w), first_layer(w), S) for w in unique]
+    chunks = [Chunk(p0, l0, items) for p0, l0, items in group_by_start(starts, T, L, shape.max_rows, shape.cost)]
     sites = sorted({x[1] for w in unique for x in w} | {RESID})
     return FactPlan(unique, source, chunks, sites)
-
-
-def _starts(values: list[int], blocks: int) -> list[int]:
-    """Block starts: ``blocks`` contiguous groups of the sorted distinct ``values``."""
-    if not values:
-        return []
-    size = -(-len(values) // max(1, min(blocks, len(values))))
-    return values[::size]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,8 +204,9 @@ def fact_sweep(job: FactJob, plan: FactPlan, samples: int, n_layers: int) -> Swe
 def trace_facts_prefix(lm, todo: list[FactJob], cfg) -> list[FactScores]:
     """Every fact's sweep; one session (one request) remotely."""
     S, L = cfg.samples, lm.arch.n_layers
-    plans = [plan_fact(j.restorations, len(j.fact.ids), j.fact.subject_first, L, cfg.window, S, cfg.max_rows,
-                       cfg.blocks, len(j.answer)) for j in todo]
+    cost = ForwardCost.for_model(lm.arch)
+    plans = [plan_fact(j.restorations, FactShape(len(j.fact.ids), j.fact.subject_first, L, cfg.window, S, cfg.max_rows,
+                                                 len(j.answer), cost)) for j in todo]
     outs = run_sweeps(lm.model, [fact_sweep(j, plan, S, L) for j, plan in zip(todo, plans)], lm.remote)
     results = []
     for plan, out in zip(plans, outs):

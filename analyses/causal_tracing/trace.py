@@ -66,7 +66,6 @@ class TraceConfig:
     answer: str = "top1"            # "top1": the clean greedy prediction (ROME); "given": prompts.answer_ids
     max_rows: int = 1024            # rows per forward (memory knob)
     engine: str = "prefix"          # "prefix": skip work a restoration cannot change; "batched": full forwards
-    blocks: int = 5                 # prefix engine: position and layer blocks (more: fewer token-layers, more forwards)
     facts_per_chunk: int = 8        # facts per stored chunk (and per remote request)
 
     def all_kinds(self) -> list[str]:
@@ -81,8 +80,7 @@ class TraceConfig:
                   (self.max_rows >= 2 * self.samples + 1,
                    f"max_rows must be >= 2 * samples + 1 = {2 * self.samples + 1}"),
                   (self.facts_per_chunk >= 1, "facts_per_chunk must be >= 1"),
-                  (self.engine in ("prefix", "batched"), f"engine {self.engine!r}; use prefix or batched"),
-                  (self.blocks >= 1, "blocks must be >= 1")]
+                  (self.engine in ("prefix", "batched"), f"engine {self.engine!r}; use prefix or batched")]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"bad causal-trace option: {msg}")
@@ -273,18 +271,17 @@ def dataset_pass(lm, prompts, max_rows: int = 256) -> tuple[float, torch.Tensor]
     One batched pass over the PromptSet (one forward per max_rows prompts; one request remotely).
     Position ids count from each prompt's first real token, so left padding does not move positions.
     """
-    jobs = subject_batches(prompts, max_rows)[1]
-    outs = run_traces(lm.model, _dataset_trace, jobs, lm.remote)
+    outs = run_traces(lm.model, _dataset_trace, [(b,) for b in subject_batches(prompts, max_rows)[1]], lm.remote)
     stats = torch.stack([o[0] for o in outs]).sum(0)
     n, s1, s2 = stats.tolist()
     std = math.sqrt(max(s2 - s1 * s1 / n, 0.0) / max(n - 1, 1))
     return std, torch.cat([o[1] for o in outs])
 
 
-def _dataset_trace(model, inputs: dict, sub: torch.Tensor, remote=False):
-    with model.trace(inputs, logits_to_keep=1, remote=remote):
+def _dataset_trace(model, batch):
+    with model.trace(batch.inputs, logits_to_keep=1):
         e = model.embed.output
-        x = e[sub.to(e.device)].double()
+        x = e[batch.subject.to(e.device)].double()
         stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]).cpu().save()
         top1 = model.output.logits[:, -1].argmax(-1).cpu().save()
     return stats, top1

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interpkit.engine.inside import UNEMBED_IN, Forward, Readout, Write, patch_site
-from interpkit.engine.plan import Plan, SweepSpec, first_difference, plan_sweep
+from interpkit.engine.plan import ForwardCost, Plan, SweepSpec, first_difference, plan_sweep, same_embedding
 from interpkit.engine.run import SweepRuns, run_forwards, run_plan, run_session
 from interpkit.errors import UserError
 from interpkit.metrics import SEQ_LOGPROB, normalize
@@ -251,7 +251,8 @@ def plan_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None
                      cell_masks=cell_masks(cfg, cells, T, lm.arch.n_heads),
                      first_diff=first_difference(base["input_ids"], source["input_ids"], base["attention_mask"],
                                                  source["attention_mask"]),
-                     substitution=cfg.mode == "substitution", max_rows=cfg.max_rows)
+                     substitution=cfg.mode == "substitution", max_rows=cfg.max_rows,
+                     cost=ForwardCost.for_model(lm.arch), same_embedding=same_embedding(base, source))
     runs = SweepRuns(base=base, source=source, site=cfg.site, n_heads=lm.arch.n_heads, n_layers=lm.arch.n_layers,
                      metric=inp.metric, answer=inp.answer, wrong=inp.wrong, candidates=candidates,
                      deletion=cfg.mode == "deletion")

@@ -99,7 +99,8 @@ class Readout:
     """What a forward reports per row: ``metric`` (an ``interpkit.metrics.score`` name, ``ANSWER_PROB``,
     or ``LOGITS``) read from the logits of the last positions (``kept``; ``keep`` overrides how many
     the model computes, 0: every position, as a plain forward); with ``records`` ((site, layer) in
-    forward order) also those activations, every row (``trace_forward``'s third result)."""
+    forward order) also those activations, every row (``trace_forward``'s third result). With ``vocab``
+    the unembedding computes those ids' logits only, and every id in the readout indexes ``vocab``."""
 
     metric: str
     answer: torch.Tensor           # [rows, k] per row; ANSWER_PROB: [K] for every row ([-1]: the first row's top-1)
@@ -107,6 +108,7 @@ class Readout:
     candidates: torch.Tensor | None = None
     records: list | None = None    # [(site, layer)]
     keep: int | None = None
+    vocab: torch.Tensor | None = None   # ids whose logits alone are computed (``only_read_ids``)
 
 
 @dataclass(repr=False)
@@ -278,6 +280,35 @@ def apply_writes(model, writes: list, n_heads: int = 0, records: list | None = N
         out.append(record(model, name, layer, n_heads))
 
 
+READS_IDS = ("logit_diff", "margin")
+"""Metrics that read the logits of a few ids only (not a softmax over the vocabulary)."""
+
+
+def only_read_ids(r: Readout) -> Readout:
+    """``r`` computing only the logits its metric reads (a few columns of the unembedding instead of all
+    of them: at 49k ids the unembedding costs as much as eight layers of a 135M model): ids become
+    indices into ``vocab`` (-1 padding stays). Other metrics are returned unchanged."""
+    if r.metric not in READS_IDS:
+        return r
+    ids = torch.cat([t.reshape(-1) for t in (r.answer, r.wrong, r.candidates) if t is not None])
+    vocab = ids[ids >= 0].unique()
+
+    def local(t):
+        return None if t is None else torch.where(t >= 0, torch.searchsorted(vocab, t.clamp_min(0)), t)
+
+    return Readout(r.metric, local(r.answer), local(r.wrong), local(r.candidates), r.records, r.keep, vocab)
+
+
+def restrict_unembed(model, r: Readout) -> None:
+    """With ``r.vocab``, the unembedding's output replaced by the logits of those ids alone."""
+    if r.vocab is not None:
+        h = model.final_norm.output[:, -kept(r):]
+        w = model.unembed.weight
+        logits = h @ w[r.vocab.to(w.device)].T
+        b = model.unembed.bias
+        model.unembed.skip(logits if b is None else logits + b[r.vocab.to(b.device)])
+
+
 def kept(r: Readout) -> int:
     """How many last positions' logits the readout reads (``logits_to_keep`` of the trace)."""
     if r.keep is not None:
@@ -299,8 +330,9 @@ def rows_readout(r: Readout, answer: torch.Tensor, rows: torch.Tensor) -> Readou
     """The readout of a suffix run's rows: per-row answers follow their reference rows; a single answer
     (``answer`` resolved by the reference run) is shared."""
     if answer.dim() == 1:
-        return Readout(r.metric, answer, r.wrong, r.candidates, r.records, r.keep)
-    return Readout(r.metric, answer[rows], None if r.wrong is None else r.wrong[rows], r.candidates, r.records, r.keep)
+        return Readout(r.metric, answer, r.wrong, r.candidates, r.records, r.keep, r.vocab)
+    return Readout(r.metric, answer[rows], None if r.wrong is None else r.wrong[rows], r.candidates, r.records, r.keep,
+                   r.vocab)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,6 +348,7 @@ def trace_forward(model, fwd: Forward) -> tuple:
             model.layers[layer].skip(fwd.start)
         acts = list().save() if fwd.readout.records else None
         apply_writes(model, fwd.writes, fwd.n_heads, fwd.readout.records, acts)
+        restrict_unembed(model, fwd.readout)
         values, answer = read(model.output.logits, fwd.readout)
         values = values.detach().cpu().save()
         answer = answer.detach().cpu().save()
@@ -331,6 +364,7 @@ def trace_reference(model, ref: Reference, n_layers: int, n_heads: int, keep: bo
         kv = list().save() if keep else list()
         for name, layer in ref.records:
             acts.append(patch_site(model, name, layer, n_heads).detach().clone())
+        restrict_unembed(model, ref.readout)
         out = model.output
         values, answer = read(out.logits, ref.readout)
         values = values.detach().cpu().save()

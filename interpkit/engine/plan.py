@@ -5,14 +5,19 @@ source run's activation over the cell's region. Three facts make most of that wo
 
 1. Before the first token where base and source differ, their activations are identical (causal
    attention), so a substitution there writes what is already there: such writes are dropped, and a
-   cell with nothing left is *skipped*: its value is the base run's metric, exactly.
+   cell with nothing left is *skipped*: its value is the base run's metric, exactly. The same holds
+   for ``resid_pre`` of layer 0 at a later position holding the same token (it is that token's
+   embedding).
 2. The metric reads the last position only. At the last layer a write to ``resid_post``, ``attn_out``,
    ``mlp_out`` or ``head_out`` (and ``unembed_in`` anywhere) away from the last position reaches nothing.
 3. A write at (layer l, position p) cannot change anything below l or before p: a chunk whose rows start
    at (l0, p0) runs tokens p0.. on top of the base run's key/value cache, with layers < l0 skipped.
 
 ``plan_sweep`` groups rows by (start layer, start position) into chunks of at most ``max_rows`` rows and
-returns ``Chunk`` records; the runner (``interpkit.engine.run``) executes them.
+returns ``Chunk`` records; the runner (``interpkit.engine.run``) executes them. The grouping
+(``group_by_start``, shared with causal tracing's planner) is the one with the least estimated cost
+(``ForwardCost``): merging rows that start at different places computes more token-layers but saves
+the fixed cost of a forward and of each layer it runs, which dominates for small groups.
 """
 from __future__ import annotations
 
@@ -20,8 +25,114 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interpkit.kv_cache import positions
+
 LAST_LAYER_LOCAL = ("resid_post", "attn_out", "mlp_out", "head_out")
 """Sites whose write at the last layer stays at its own position."""
+
+
+FLOPS = 5e10                       # float32 multiply-adds x 2 per second, one CPU core (measured ~4.9e10)
+LAYER_S = 2.5e-3                   # seconds of module calls per layer a forward runs, whatever its batch
+BANDWIDTH = 1.5e10                 # bytes/s: every forward reads each layer's weights once
+FORWARD_S = 0.02                   # seconds per forward (trace set-up, embedding, final norm, readout)
+MAX_SPAN = 16                      # start positions one forward may cover
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """The fixed costs of a forward in token-layers (one token through one layer: the unit of
+    ``Plan.work``): one per forward and one per layer it runs. Calibrated on one CPU core
+    (smollm2-135m: 23 ms per forward, 4.1 ms per layer, 0.14 ms per token-layer, measured); on a
+    GPU the fixed parts weigh more, so the same plan only errs towards too many forwards."""
+
+    per_forward: float = 150.0
+    per_layer: float = 25.0
+
+    @classmethod
+    def for_layer(cls, params: int) -> ForwardCost:
+        """The costs for a model whose layers have ``params`` parameters each."""
+        token_layer = 2 * params / FLOPS
+        per_layer = LAYER_S + 4 * params / BANDWIDTH
+        return cls(FORWARD_S / token_layer, per_layer / token_layer)
+
+    @classmethod
+    def for_model(cls, arch) -> ForwardCost:
+        """The costs for a model (an ``interpkit.arch.Arch``), from the size of its first layer."""
+        return cls.for_layer(sum(p.numel() for p in arch.block(0).parameters()))
+
+    def of(self, rows: int, tokens: int, layers: int, forwards: int = 1) -> float:
+        return forwards * (self.per_forward + layers * self.per_layer) + rows * tokens * layers
+
+
+def group_by_start(items: list[tuple[int, int, int]], n_tokens: int, n_layers: int, max_rows: int,
+                   cost: ForwardCost) -> list[tuple[int, int, list[int]]]:
+    """Items (start position, start layer, rows) grouped into forwards ``(p0, l0, item indices)`` of at
+    most ``max_rows`` rows (an item larger than that runs alone), each computing tokens p0.. through
+    layers l0.. for all its rows: the grouping of least ``cost`` among those that merge contiguous
+    start positions (at most ``MAX_SPAN``) and, within them, contiguous start layers (dynamic
+    programming on both)."""
+    by_start: dict[tuple[int, int], list[int]] = {}
+    for i, (p, l, _) in enumerate(items):
+        by_start.setdefault((p, l), []).append(i)
+    starts = sorted({p for p, _ in by_start})
+    best: list[tuple[float, int, list]] = [(0.0, -1, [])] + [(float("inf"), -1, [])] * len(starts)
+    for j in range(len(starts)):
+        for i in range(max(0, j - MAX_SPAN + 1), j + 1):
+            members: dict[int, list[int]] = {}
+            for (p, l), idx in by_start.items():
+                if starts[i] <= p <= starts[j]:
+                    members.setdefault(l, []).extend(idx)
+            c, groups = _layer_groups(members, items, starts[i], n_tokens, n_layers, max_rows, cost)
+            if best[i][0] + c < best[j + 1][0]:
+                best[j + 1] = (best[i][0] + c, i, groups)
+    out, j = [], len(starts)
+    while j > 0:
+        out = best[j][2] + out
+        j = best[j][1]
+    return out
+
+
+def _layer_groups(members: dict[int, list[int]], items, p0: int, n_tokens: int, n_layers: int, max_rows: int,
+                  cost: ForwardCost) -> tuple[float, list]:
+    """The least-cost grouping of ``members`` (start layer -> items) into forwards from position ``p0``:
+    contiguous ranges of start layers; only a single start layer may exceed ``max_rows`` (split)."""
+    layers = sorted(members)
+    weight = [sum(items[i][2] for i in members[l]) for l in layers]
+    best: list[tuple[float, int]] = [(0.0, -1)] + [(float("inf"), -1)] * len(layers)
+    for b in range(len(layers)):
+        n = 0
+        for a in range(b, -1, -1):
+            n += weight[a]
+            if n > max_rows and a < b:
+                break
+            forwards = len(_split(members[layers[a]], items, max_rows)) if a == b else 1
+            c = best[a][0] + cost.of(n, n_tokens - p0, max(n_layers - layers[a], 1), forwards)
+            if c < best[b + 1][0]:
+                best[b + 1] = (c, a)
+    groups, b = [], len(layers)
+    while b > 0:
+        a = best[b][1]
+        rows = [i for l in layers[a:b] for i in members[l]]
+        groups = [(p0, layers[a], piece) for piece in _split(rows, items, max_rows)] + groups
+        b = a
+    return best[-1][0], groups
+
+
+def _split(rows: list[int], items, max_rows: int) -> list[list[int]]:
+    """Consecutive pieces of at most ``max_rows`` rows (an item larger than that alone), as even as the
+    items allow (576 rows at 512 a forward: 288 + 288, not 512 + 64)."""
+    weights = [items[i][2] for i in rows]
+    total = sum(weights)
+    size = min(max_rows, -(-total // max(1, -(-total // max_rows))) + max(weights, default=1) - 1)
+    pieces, n = [[]], 0
+    for i in rows:
+        w = items[i][2]
+        if pieces[-1] and n + w > size:
+            pieces.append([])
+            n = 0
+        pieces[-1].append(i)
+        n += w
+    return pieces
 
 
 @dataclass(frozen=True)
@@ -35,8 +146,8 @@ class SweepSpec:
     first_diff: torch.Tensor       # [pairs] first position where base and source differ (T: none)
     substitution: bool = True      # deletion writes zeros: nothing is a no-op
     max_rows: int = 512
-    layer_blocks: int = 3          # rows are split into this many start-layer groups ...
-    position_blocks: int = 3       # ... times this many start-position groups, so small sweeps skip work too
+    cost: ForwardCost | None = None   # how rows are grouped into forwards (None: ForwardCost())
+    same_embedding: torch.Tensor | None = None   # [pairs, T] bool: base and source embed a position alike
 
     @property
     def n_pairs(self) -> int:
@@ -96,14 +207,24 @@ def first_difference(base_ids: torch.Tensor, source_ids: torch.Tensor, base_mask
     return torch.where(differ, idx, torch.full_like(idx, T)).min(1).values
 
 
+def same_embedding(base: dict, source: dict) -> torch.Tensor:
+    """[pairs, T] bool: positions where both runs hold the same real token at the same position id, so
+    their embeddings (``resid_pre`` of layer 0) are equal."""
+    bm, sm = base["attention_mask"].bool(), source["attention_mask"].bool()
+    return ((base["input_ids"] == source["input_ids"]) & bm & sm
+            & (positions(base["attention_mask"]) == positions(source["attention_mask"])))
+
+
 def effective_masks(spec: SweepSpec, li: int) -> torch.Tensor:
     """[pairs, cells, T(, H)] bool: the writes of every (pair, cell) at swept layer ``li`` that can matter."""
     T = spec.T
     pos = torch.arange(T)
     keep = torch.ones(spec.n_pairs, T, dtype=torch.bool)
+    layer = spec.layers[li]
     if spec.substitution:
         keep &= pos[None] >= spec.first_diff[:, None]
-    layer = spec.layers[li]
+        if layer == 0 and spec.site == "resid_pre" and spec.same_embedding is not None:
+            keep &= ~spec.same_embedding            # the embedding of the same token at the same position
     if layer >= spec.n_layers or (layer == spec.n_layers - 1 and spec.site in LAST_LAYER_LOCAL):
         keep &= pos[None] == T - 1
     m = spec.cell_masks[None]                                   # [1, cells, T(, H)]
@@ -112,7 +233,7 @@ def effective_masks(spec: SweepSpec, li: int) -> torch.Tensor:
 
 
 def plan_sweep(spec: SweepSpec) -> Plan:
-    """Chunks of at most ``max_rows`` rows, grouped by start layer then start position (module doc)."""
+    """Chunks of at most ``max_rows`` rows, grouped by start layer and position (``group_by_start``)."""
     P, T = spec.n_pairs, spec.T
     n_cells = spec.cell_masks.shape[0]
     skipped = torch.zeros(P, len(spec.layers), n_cells, dtype=torch.bool)
@@ -125,29 +246,13 @@ def plan_sweep(spec: SweepSpec) -> Plan:
         start = torch.where(anypos, torch.arange(T), torch.full_like(anypos, T, dtype=torch.long)).min(-1).values
         for p, c in live.nonzero().tolist():
             rows.append((min(layer, spec.n_layers), int(start[p, c]), li, c, p, eff[p, c]))
-    chunks = []
-    for by_layer in _groups(rows, 0, spec.layer_blocks):
-        for group in _groups(by_layer, 1, spec.position_blocks):
-            group.sort(key=lambda r: (r[0], r[1]))
-            for i in range(0, len(group), spec.max_rows):
-                chunks.append(_chunk(len(chunks), group[i:i + spec.max_rows], spec))
+    groups = group_by_start([(r[1], r[0], 1) for r in rows], T, spec.n_layers, spec.max_rows,
+                            spec.cost or ForwardCost())
+    chunks = [_chunk(k, sorted((rows[i] for i in idx), key=lambda r: (r[0], r[1])), spec)
+              for k, (_, _, idx) in enumerate(groups)]
     full = P * len(spec.layers) * n_cells * T * spec.n_layers
     done = sum(c.n_rows * (T - c.p0) * max(spec.n_layers - c.l0, 1) for c in chunks)
     return Plan(chunks=chunks, skipped=skipped, work=done / max(full, 1))
-
-
-def _groups(rows: list, key: int, blocks: int) -> list[list]:
-    """Rows split into at most ``blocks`` groups of contiguous values of ``r[key]`` (start layer or
-    position), so that every chunk starts close to where its rows start."""
-    values = sorted({r[key] for r in rows})
-    if not values:
-        return []
-    per = -(-len(values) // max(1, min(blocks, len(values))))
-    cut = {v: i // per for i, v in enumerate(values)}
-    groups: dict[int, list] = {}
-    for r in rows:
-        groups.setdefault(cut[r[key]], []).append(r)
-    return [groups[k] for k in sorted(groups)]
 
 
 def _chunk(index: int, rows: list, spec: SweepSpec) -> Chunk:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from interpkit.engine.inside import (Forward, Readout, Reference, Suffix, Sweep, Write, in_forward_order, run_chunk,
-                                     trace_forward, trace_reference, trace_sweep)
+from interpkit.engine.inside import (Forward, Readout, Reference, Suffix, Sweep, Write, in_forward_order, only_read_ids,
+                                     run_chunk, trace_forward, trace_reference, trace_sweep)
 from interpkit.engine.plan import Chunk, Plan
 
 
@@ -124,7 +124,7 @@ def patching_sweep(plan: Plan, layers: list[int], runs: SweepRuns, chunks: list[
     """The base run records the residual stream where ``chunks`` start (and keeps its cache), the source
     run the swept site at ``layers``; each chunk's rows take the source activation (deletion: zeros)."""
     L = runs.n_layers
-    readout = Readout(runs.metric, runs.answer, runs.wrong, runs.candidates)
+    readout = only_read_ids(Readout(runs.metric, runs.answer, runs.wrong, runs.candidates))
     starts = [l0 for l0 in plan.starts if 0 < l0] if chunks else []
     base_records = [("resid_pre", l0) if l0 < L else ("resid_post", L - 1) for l0 in starts]
     base_records = in_forward_order(base_records)

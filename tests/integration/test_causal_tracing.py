@@ -84,14 +84,22 @@ def test_zero_noise_gives_zero_ie(family, engine):
     assert tr.ie.abs().max().item() <= (0.0 if engine == "batched" else 1e-6)
 
 
-@pytest.mark.parametrize("engine, blocks", [("batched", 4), ("prefix", 4), ("prefix", 1), ("prefix", 99)])
-def test_equals_plain_hook_reference(family, engine, blocks):
+GROUPINGS = {"model": None, "exact": (0, 0), "fewest": (1e12, 0)}   # the planner's forward costs
+
+
+@pytest.mark.parametrize("engine, grouping", [("batched", "model"), ("prefix", "model"), ("prefix", "fewest"),
+                                              ("prefix", "exact")])
+def test_equals_plain_hook_reference(family, engine, grouping, monkeypatch):
     """All kinds incl. severed, split over several forwards (max_rows), against ROME's one-forward-per-
-    restoration procedure with plain forward hooks and the same noise."""
+    restoration procedure with plain forward hooks and the same noise; the prefix engine with its
+    default grouping, with one forward per distinct start and with as few forwards as max_rows allows."""
+    from interpkit.engine.plan import ForwardCost
+
+    if GROUPINGS[grouping] is not None:
+        monkeypatch.setattr(ForwardCost, "for_model", classmethod(lambda cls, arch: cls(*GROUPINGS[grouping])))
     lm = sharp_frozen(family)
     ps = facts(family, 1)
-    cfg = CT.TraceConfig(noise="3sigma", severed=True, window=2, samples=3, max_rows=100, engine=engine,
-                         blocks=blocks)
+    cfg = CT.TraceConfig(noise="3sigma", severed=True, window=2, samples=3, max_rows=100, engine=engine)
     res = CT.run_causal_tracing(lm, ps, cfg)
     f, tr = CT.facts_of(ps)[0], res.facts[0]
     ref = ReferenceTracer(lm.hf, f.ids, (f.subject_first, f.subject_last),
@@ -210,11 +218,13 @@ def test_prefix_plan_skips_what_cannot_change():
     """The prefix engine's plan: restorations before the subject, or at the last layer away from the last
     token, are not computed; clipped windows that coincide are computed once; what is computed starts at
     the restored token and (hidden) after the restored layer."""
-    from interpkit.analyses.causal_tracing.prefix import first_layer, plan_fact
+    from interpkit.analyses.causal_tracing.prefix import FactShape, first_layer, plan_fact
+    from interpkit.engine.plan import ForwardCost
 
     T, L, a, S = 9, 6, 2, 10
     rest = CT.grid(list(CT.BASE_KINDS), T, L)
-    plan = plan_fact(rest, T, a, L, window=10, samples=S, max_rows=1024, blocks=99)
+    shape = FactShape(T, a, L, window=10, samples=S, max_rows=1024, cost=ForwardCost(0, 0))
+    plan = plan_fact(rest, shape)
     src = dict(zip(rest, plan.source))
     assert all(src[(k, t, l)] == ("low",) for k in CT.BASE_KINDS for t in range(a) for l in range(L))
     assert all(src[("hidden", t, L - 1)] == ("low",) for t in range(a, T - 1))
@@ -222,14 +232,14 @@ def test_prefix_plan_skips_what_cannot_change():
     assert src[("mlp", 4, 1)] == src[("mlp", 4, 2)]                    # both windows clip to all 6 layers
     assert src[("mlp", 4, 0)] == src[("mlp", 4, 1)]                    # layers 0-4 vs 0-5, but 5 is a no-op
     assert src[("mlp", T - 1, 0)] != src[("mlp", T - 1, 1)] != src[("attn", T - 1, 1)]   # ... not at the last token
-    for chunk in plan.chunks:                                          # blocks=99: one chunk per (token, layer)
+    for chunk in plan.chunks:                                # no fixed costs: one chunk per (token, layer) start
         for u in chunk.items:
             w = plan.unique[u]
             assert chunk.p0 == min(x[2] for x in w) and chunk.l0 == first_layer(w)
     assert first_layer(plan.unique[src[("hidden", 3, 2)][1]]) == 3
     work = sum(len(c.items) * (T - c.p0) * (L - c.l0) for c in plan.chunks) / (len(rest) * T * L)
     assert work < 0.2, work
-    coarse = plan_fact(rest, T, a, L, window=10, samples=S, max_rows=1024, blocks=1)
+    coarse = plan_fact(rest, dataclasses.replace(shape, cost=ForwardCost(1e12, 0)))      # fixed costs dominate: one forward
     assert [(c.p0, c.l0) for c in coarse.chunks] == [(a, 0)] and coarse.source == plan.source
 
 

@@ -374,7 +374,7 @@ def test_patch_command_stores_resumes_and_plots(tmp_path, monkeypatch):
     from interpkit.engine import inside as engine
     from interpkit.store import RunStore
 
-    kw = dict(task="gp", model="tiny:gpt2", site="resid", method="both", n=4, max_rows=40, root=str(tmp_path / "a"))
+    kw = dict(task="gp", model="tiny:gpt2", site="resid", method="both", n=4, max_rows=12, root=str(tmp_path / "a"))
     real_write = RunStore.write_chunk
 
     def killed_after_one(self, chunk, arrays, seconds=None):
