@@ -241,21 +241,22 @@ def circuit(action: str = typer.Argument(..., help="unify | intervene | prune | 
     from interpkit import validate as V
 
     V.circuit_options(action, run, what, min_prompts, min_effect, min_frequency, actions=ACTIONS)
-    ths = None if thresholds is None else [float(x) for x in _float_list(thresholds)]
+    ths = None if thresholds is None else _numbers(thresholds)
     circuit_command(action, run, remote=remote, what=what, min_prompts=min_prompts, min_effect=min_effect,
                     min_frequency=min_frequency, reference=reference, include_mlp=include_mlp, thresholds=ths,
                     attn_thresh=attn_thresh, similarity=similarity, cluster_threshold=cluster_threshold,
                     max_prompts=max_prompts, echo=typer.echo)
 
 
-def _float_list(text: str) -> list[float]:
-    """"0,0.1,0.2" -> [0.0, 0.1, 0.2] (CLI lists)."""
+def _numbers(text: str, kind: type = float) -> list:
+    """"0,0.1,0.2" -> [0.0, 0.1, 0.2]: a CLI list of ``kind`` (float or int)."""
     from interpkit.errors import UserError
 
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise UserError(f"expected comma-separated {what}, got {text!r}") from None
 
 
 @app.command("causal-trace")
@@ -307,15 +308,8 @@ def _task_or_dataset(task: str | None, dataset: str | None) -> str:
 
 
 def _int_list(text: str | None) -> list[int] | None:
-    """"0,2,5" -> [0, 2, 5] (CLI lists)."""
-    from interpkit.errors import UserError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated integers, got {text!r}") from None
+    """"0,2,5" -> [0, 2, 5]; None when the option is not given."""
+    return _numbers(text, int) if text else None
 
 
 @app.command()
@@ -454,6 +448,7 @@ ToolDtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (defa
 ToolDevice = Annotated[str, typer.Option(help="e.g. cpu, cuda:0.")]
 ToolOut = Annotated[str, typer.Option("--out", "--root", help="Where runs go.")]
 ToolRunId = Annotated[str, typer.Option(help="Run directory name (default: derived from the options).")]
+ToolRemote = Annotated[bool, typer.Option(help="Run on NDIF (one request).")]
 
 
 @app.command("cache")
@@ -465,7 +460,7 @@ def cache_cmd(model: ToolModel,
               prompt: ToolPrompt = None,
               n: int = typer.Option(8, help="Prompts from the task/dataset."), seed: int = typer.Option(0),
               max_gb: float = typer.Option(4.0, help="Refuse when the cache estimate exceeds this (GiB)."),
-              remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+              remote: ToolRemote = False,
               dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
               run_id: ToolRunId = None) -> None:
     """Activation cache of any uniform sites for a batch in one trace, written to HDF5."""
@@ -481,7 +476,7 @@ def logit_lens_cmd(model: ToolModel, task: str = typer.Option(None, help="A task
                    dataset: ToolDataset = None, prompt: ToolPrompt = None,
                    n: int = typer.Option(16), seed: int = typer.Option(0),
                    top_k: int = typer.Option(5, help="Top tokens per layer and position."),
-                   remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+                   remote: ToolRemote = False,
                    dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
                    run_id: ToolRunId = None) -> None:
     """Logit lens: final norm + unembedding on the residual at every layer; answer rank/probability per layer."""
@@ -496,7 +491,7 @@ def dla_cmd(model: ToolModel, task: str = typer.Option(None, help="A task with a
             dataset: str = typer.Option(None, help="Your prompts: a .jsonl or .csv file with answers."),
             n: int = typer.Option(16), seed: int = typer.Option(0), top: int = typer.Option(10),
             by_source: bool = typer.Option(False, help="Also split each head by source position."),
-            remote: bool = typer.Option(False, help="Run on NDIF (one request)."),
+            remote: ToolRemote = False,
             dtype: ToolDtype = None, device: ToolDevice = None, out: ToolOut = "artifacts",
             run_id: ToolRunId = None) -> None:
     """Direct logit attribution of the logit difference to embedding, heads and MLPs (final-norm scale frozen)."""
@@ -547,7 +542,7 @@ def steer_cmd(model: ToolModel,
     from interpkit.analyses.tools.command import steer_command
 
     steer_command(model, layer, positive=positive, negative=negative, positive_file=positive_file,
-                  negative_file=negative_file, prompts=prompt, coefficients=_float_list(coefficients),
+                  negative_file=negative_file, prompts=prompt, coefficients=_numbers(coefficients),
                   max_new_tokens=max_new_tokens, pos_word=pos_word, neg_word=neg_word, remote=remote, dtype=dtype,
                   device=device, out=out, run_id=run_id, echo=typer.echo)
 
@@ -570,9 +565,85 @@ def reducibility(model: str = typer.Option(None, help="Also a layer's activation
                          echo=typer.echo)
 
 
-from interpkit.analyses.physics.cli import app as _physics_app  # noqa: E402  (issue 18)
-from interpkit.analyses.sae.cli import app as _sae_app  # noqa: E402  (issue 18)
-app.add_typer(_physics_app, name="physics"); app.add_typer(_sae_app, name="sae")  # noqa: E702
+# -- issue 18: `interpkit physics ...` and `interpkit sae ...`, sub-groups with their own commands --
+physics_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="Physics of LMs (Allen-Zhu & Li): synthetic CFG / iGSM models, DP-state and V-probes.")
+sae_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="Sparse autoencoders on the residual stream; decoder-direction clusters (Engels et al.).")
+app.add_typer(physics_app, name="physics")
+app.add_typer(sae_app, name="sae")
+
+
+@physics_app.command("train")
+def physics_train(recipe: str = typer.Option(..., help="cfg-demo | igsm-deep | igsm-wide"),
+                  output_dir: str = typer.Option(None, help="Default artifacts/models/<recipe>."),
+                  steps: int = typer.Option(None), seed: int = typer.Option(None)) -> None:
+    """Train a recipe from scratch (resumes from its last checkpoint), evaluate it, export with recipe.json."""
+    from interpkit.analyses.physics.command import physics_train_command
+
+    physics_train_command(recipe, output_dir, steps=steps, seed=seed, echo=typer.echo)
+
+
+@physics_app.command("probe")
+def physics_probe(model: str = typer.Option(..., help="A model folder trained by `interpkit physics train`."),
+                  what: str = typer.Option(..., help="cfg (DP states) | igsm (V-probes) | mistakes (part 2.2)"),
+                  n: int = typer.Option(300, help="Strings / problems / pairs."),
+                  random_baseline: bool = typer.Option(True, help="Also probe a random-weight copy."),
+                  targets: str = typer.Option(None, help="igsm: comma-separated V-probe targets (default all).")) -> None:
+    """Probe a trained model, with the same probe on random weights as the baseline."""
+    from interpkit.analyses.physics.command import physics_probe_command
+
+    physics_probe_command(model, what, n=n, random_baseline=random_baseline, echo=typer.echo,
+                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None)
+
+
+@sae_app.command("train")
+def sae_train(model: str = typer.Option(..., help="Hub id, local dir, tiny:<family> or smollm2-135m."),
+              layer: int = typer.Option(..., help="Residual index: 0 = embeddings, l = output of block l-1."),
+              width: int = typer.Option(512, help="Number of latents (d_sae)."),
+              architecture: str = typer.Option("topk", help="topk | standard (ReLU + L1)."),
+              k: int = typer.Option(16, help="topk: active latents per token."),
+              l1: float = typer.Option(3e-3, help="standard: L1 coefficient."),
+              steps: int = typer.Option(2000), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+              corpus: str = typer.Option("calendar+tasks", help="calendar | tasks | generated | file:PATH, joined by +."),
+              max_docs: int = typer.Option(2000), max_tokens: int = typer.Option(48, help="Tokens per document."),
+              generated_docs: int = typer.Option(64, help="Documents the model writes for the generated corpus."),
+              seed: int = typer.Option(0), root: str = typer.Option("artifacts")) -> None:
+    """Train an SAE (resumable: rerun the same command); saved in the sae_lens layout."""
+    from interpkit.analyses.sae.command import sae_train_command
+    from interpkit.analyses.sae.train import SAETrainConfig
+
+    cfg = SAETrainConfig(layer=layer, width=width, architecture=architecture, k=k, l1=l1, steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, corpus=corpus, max_docs=max_docs,
+                         max_tokens=max_tokens, generated_docs=generated_docs)
+    sae_train_command(model, cfg, root=root, echo=typer.echo)
+
+
+@sae_app.command("load")
+def sae_load(path: str = typer.Option(..., help="A folder with cfg.json + sae_weights.safetensors (sae_lens layout).")) -> None:
+    """Load an SAE (ours or a public one downloaded in the sae_lens layout) and describe it."""
+    from interpkit.analyses.sae.command import sae_load_command
+
+    sae_load_command(path, echo=typer.echo)
+
+
+@sae_app.command("cluster")
+def sae_cluster(sae: str = typer.Option(..., help="An SAE folder (or an `sae train` run directory)."),
+                model: str = typer.Option(None, help="Default: the model named in the SAE's cfg.json."),
+                method: str = typer.Option("spectral", help="spectral | graph"),
+                n_clusters: int = typer.Option(64, help="spectral: number of clusters."),
+                cutoff: float = typer.Option(0.5, help="graph: cosine cutoff."),
+                top_k: int = typer.Option(2, help="graph: link each latent to at most its top-k neighbours (0: all)."),
+                corpus: str = typer.Option("calendar+tasks", help="Text for reconstructions when the run has none."),
+                layer: int = typer.Option(None, help="Residual index (default from the SAE's hook name)."),
+                max_clusters: int = typer.Option(40, help="Reconstruct the largest this many clusters."),
+                seed: int = typer.Option(0), root: str = typer.Option("artifacts")) -> None:
+    """Cluster decoder directions; reconstructions, PCA plots by token, irreducibility, circle search."""
+    from interpkit.analyses.sae.command import sae_cluster_command
+
+    sae_cluster_command(sae, model=model, method=method, n_clusters=n_clusters, cutoff=cutoff,
+                        top_k=top_k or None, corpus=corpus, layer=layer, seed=seed, max_clusters=max_clusters,
+                        root=root, echo=typer.echo)
 
 
 def main() -> None:

@@ -70,10 +70,10 @@ def _interventions(lm, omega, pool, records, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ref-edges", type=int, default=25)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=2, help="IOI prompts traced (those with a positive logit difference)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--ref-edges", type=int, default=25, help="queued edges both ours and the loop reference trace")
     ap.add_argument("--interventions", type=int, default=40,
                     help="edge sides of the first prompt to run full-signal vs random-subspace removal on (0: skip)")
     args = ap.parse_args()

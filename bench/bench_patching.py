@@ -174,12 +174,13 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-rows", type=int, default=512)
-    ap.add_argument("--no-tl", action="store_true")
-    ap.add_argument("--no-prefix", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default, text in (("--pairs", 4, "prompt pairs"),
+                                ("--tokens", 12, "tokens per prompt (the sweep's positions)"),
+                                ("--threads", 1, "torch CPU threads"),
+                                ("--repeats", 2, "timed repeats; each row reports its minimum"),
+                                ("--max-rows", 512, "rows per forward of the engine")):
+        ap.add_argument(flag, type=int, default=default, help=text)
+    for flag, row in (("--no-tl", "TransformerLens"), ("--no-prefix", "prefix-engine")):
+        ap.add_argument(flag, action="store_true", help=f"skip the {row} row")
     main(ap.parse_args())

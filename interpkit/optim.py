@@ -1,12 +1,14 @@
 """What the small-model trainers share: the optimisation fields of their configs, the learning-rate
-schedule they define and AdamW with weight decay on matrices only (the checkpoint format stores its
-moments in this parameter order)."""
+schedule they define, AdamW with weight decay on matrices only (the checkpoint format stores its
+moments in this parameter order) and the optimiser step."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
+
+from interpkit.errors import UserError
 
 
 @dataclass
@@ -25,6 +27,20 @@ class Optimisation:
     seed: int = 0
     threads: int | None = 2
 
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)            # a list after a JSON round trip (recipe.json, checkpoints)
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
+        self.validate()
+
+    def validate(self) -> None:
+        """A trainer config's own checks (raise UserError), run on construction after the shared ones."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Optimisation:
+        """The config saved in ``d`` (recipe.json, a checkpoint); keys that are not fields are ignored."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warmup, then cosine/linear decay to min_lr_ratio x lr
         (or constant); a pure function of the step, so resumed runs follow the same schedule."""
@@ -42,3 +58,14 @@ class Optimisation:
         rest = [p for p in model.parameters() if p.ndim < 2]
         return torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=self.lr, betas=self.betas, eps=1e-8)
+
+    def update(self, opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor, step: int) -> None:
+        """One update of training step ``step`` (0-based): its learning rate, backward, gradient clipping
+        to ``grad_clip`` (0: none), then the optimiser step."""
+        for group in opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        opt.step()

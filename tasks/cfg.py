@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interpkit import validate as V
 from interpkit.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -29,20 +30,18 @@ class CFGConfig:
 
     levels: tuple[int, ...] = (1, 3, 3, 3)
     terminals: int = 3
-    min_rules: int = 2
-    max_rules: int = 3
-    min_len: int = 2
-    max_len: int = 3
+    rules: tuple[int, int] = (2, 3)       # (fewest, most) rules of a non-terminal
+    rule_len: tuple[int, int] = (2, 3)    # (fewest, most) symbols on a rule's right-hand side
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.levels = tuple(int(x) for x in self.levels)
+        self.levels = tuple(int(x) for x in self.levels)         # lists after a JSON round trip
+        self.rules, self.rule_len = tuple(self.rules), tuple(self.rule_len)
         if len(self.levels) < 1 or self.levels[0] != 1 or min(self.levels) < 1:
             raise UserError(f"levels {self.levels}: the first level is the single root, all sizes >= 1")
-        if not 1 <= self.min_rules <= self.max_rules or not 1 <= self.min_len <= self.max_len:
-            raise UserError("need 1 <= min_rules <= max_rules and 1 <= min_len <= max_len")
-        if self.terminals < 2:
-            raise UserError("need at least 2 terminals")
+        V.in_range("rules[0]", self.rules[0], 1, self.rules[1])
+        V.in_range("rule_len[0]", self.rule_len[0], 1, self.rule_len[1])
+        V.at_least("terminals", self.terminals, 2)
 
 
 @dataclass
@@ -83,10 +82,10 @@ def random_grammar(cfg: CFGConfig | None = None) -> Grammar:
         for _ in range(1000):
             level = []
             for _a in range(cfg.levels[k]):
-                n_rules = rng.randint(cfg.min_rules, cfg.max_rules)
+                n_rules = rng.randint(*cfg.rules)
                 rhs: list[tuple[int, ...]] = []
                 while len(rhs) < n_rules:
-                    r = tuple(rng.randrange(n_child) for _ in range(rng.randint(cfg.min_len, cfg.max_len)))
+                    r = tuple(rng.randrange(n_child) for _ in range(rng.randint(*cfg.rule_len)))
                     if r not in rhs:
                         rhs.append(r)
                 level.append(rhs)

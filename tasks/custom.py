@@ -70,7 +70,7 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError as e:
+            except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {no}: not valid JSON ({e.msg}); write one JSON object per line") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path} line {no}: expected a JSON object with fields prompt, answer, ...")

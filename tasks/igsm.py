@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interpkit.errors import UserError
+from interpkit import validate as V
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "=", "+", "-", "*", ".", "?", ":", "ans", "<p>", "</p>", "[BACK]"]
 NAMES = list("abcdefghijklmnopqrstuvwxyz")
@@ -38,12 +38,10 @@ class IGSMConfig:
     seed_offset: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_leaves < self.n_vars:
-            raise UserError(f"need 1 <= n_leaves < n_vars, got {self.n_leaves}, {self.n_vars}")
-        if self.n_vars > self.n_names or self.n_names > len(NAMES):
-            raise UserError(f"n_vars {self.n_vars} needs n_vars <= n_names <= {len(NAMES)}")
-        if self.p < 2:
-            raise UserError("p must be a prime >= 2")
+        V.in_range("n_names", self.n_names, 1, len(NAMES))
+        V.in_range("n_vars", self.n_vars, 2, self.n_names)
+        V.in_range("n_leaves", self.n_leaves, 1, self.n_vars, high_open=True)
+        V.at_least("p (a prime)", self.p, 2)
 
 
 @dataclass

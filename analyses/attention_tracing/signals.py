@@ -42,10 +42,7 @@ class SideSignal:
     """
 
     side: str
-    layer: int
-    head: int
-    dest: int
-    src: int
+    edge: tuple[int, int, int, int]     # (layer, head, dest, src)
     comps: torch.Tensor
     bias: float
     selected: torch.Tensor
@@ -144,7 +141,7 @@ def edge_signal(omega, dec, layer: int, head: int, dest: int, src: int, side: st
         omega_w = torch.full((n,), -1.0 / (n - 1), dtype=weight.dtype)
         omega_w[src] = 1.0
         C = f.scale * omega_w[:, None] * weight[:, sel]
-    return SideSignal(side=side, layer=layer, head=head, dest=dest, src=src, comps=comps, bias=float(bias[0]),
+    return SideSignal(side=side, edge=(layer, head, dest, src), comps=comps, bias=float(bias[0]),
                       selected=sel, positions=positions, B=basis, C=C, basis=basis, frame=frame, small=small)
 
 

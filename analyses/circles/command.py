@@ -145,20 +145,17 @@ def summary(res: CircleResult, base: CircleResult | None = None) -> dict:
 
 def summary_table(res: CircleResult, base: CircleResult | None = None) -> str:
     """Per layer: R^2 (in-sample / held-out), random-init R^2, and each method's logit diff / flip rate."""
-    head = f"{'layer':>5} {'R2':>6} {'R2-ho':>6}"
-    if base is not None:
-        head += f" {'rnd R2':>7} {'rnd ho':>7}"
-    for m in res.methods:
-        head += f" {m + ' LD':>10} {m + ' flip':>10}"
+    fits = [(res.fit, 6, "R2", "R2-ho")] + ([(base.fit, 7, "rnd R2", "rnd ho")] if base is not None else [])
+    head = f"{'layer':>5}" + "".join(f" {name:>{w}} {ho:>{w}}" for _, w, name, ho in fits)
+    head += "".join(f" {m + ' LD':>10} {m + ' flip':>10}" for m in res.methods)
     lines = [f"{res.task} / role {res.role}: clean accuracy {res.accuracy:.3f}, "
              f"no-op logit diff {res.noop_logit_diff:.2f}", head]
     for layer in range(len(res.fit.r2)):
-        s = f"{layer:>5} {float(res.fit.r2[layer]):>6.3f} {float(res.fit.r2_heldout[layer]):>6.3f}"
-        if base is not None:
-            s += f" {float(base.fit.r2[layer]):>7.3f} {float(base.fit.r2_heldout[layer]):>7.3f}"
+        s = f"{layer:>5}" + "".join(f" {float(fit.r2[layer]):>{w}.3f} {float(fit.r2_heldout[layer]):>{w}.3f}"
+                                    for fit, w, _, _ in fits)
         if layer in res.layers:
             b = res.layers.index(layer)
-            for a in range(len(res.methods)):
-                s += f" {float(res.logit_diff[a, b]):>10.2f} {float(res.flip_rate[a, b]):>10.2f}"
+            s += "".join(f" {float(res.logit_diff[a, b]):>10.2f} {float(res.flip_rate[a, b]):>10.2f}"
+                         for a in range(len(res.methods)))
         lines.append(s)
     return "\n".join(lines)

@@ -51,12 +51,12 @@ from interpkit.errors import UserError
 from interpkit.plots import finish, pyplot
 from interpkit.progress import stage
 
-METHODS = ("circle", "layer", "pca", "mean")
+METHODS = ("circle", "layer", "pca", "mean")          # --methods
+TARGETS = ("cos", "sin", "linear")                   # --probe-on
 PERIODS = {"days": 7, "months": 12}
 ROLE_VALUE = {"start": "a", "duration": "b", "end": "c", "result": "c"}   # tasks/calendar.py meta: a + b = c (mod p)
 ROLE_OTHER = {"start": "b", "duration": "a", "result": "b"}     # the operand an intervention keeps fixed
 ROLE_TOKEN = {"result": "end"}                                  # "result": the value c at the final token
-TARGETS = ("cos", "sin", "linear")
 
 
 @dataclass

@@ -47,16 +47,16 @@ def build_tokenizer():
 @dataclass
 class DemoConfig:
     seed: int = 0
-    n_layers: int = 2
+    test_frac: float = 0.2            # data: held-out share of each task's problems
+    neighbor_smoothing: float = 0.15  # target mass on each of the two neighbouring days/months
+    n_layers: int = 2                 # model: a tiny GPT-2
     d_model: int = 64
     n_heads: int = 4
-    steps: int = 2500
-    lr: float = 3e-3
+    lr: float = 3e-3                  # optimiser: AdamW
     weight_decay: float = 2.0         # strong decay: the held-out problems are solved after ~1000 steps
-    test_frac: float = 0.2
-    neighbor_smoothing: float = 0.15  # target mass on each of the two neighbouring days/months
     schedule: str = "cosine"          # cosine | constant (after warmup)
-    max_seconds: float = 175.0        # CPU seconds (process time), a safety stop: steps decide the result
+    steps: int = 2500                 # stopping: the steps decide the result
+    max_seconds: float = 175.0        # CPU seconds (process time), a safety stop
 
 
 def calendar_data(tokenizer, test_frac: float, seed: int) -> dict:

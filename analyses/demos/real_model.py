@@ -63,15 +63,15 @@ def ioi_heads(lm, n_pairs: int, top: int, out: Path, log) -> dict:
     rows = [{"layer": l, "head": h, "attribution": round(float(eff[att.layers.index(l), h]), 4),
              "exact": round(float(ex[exact.layers.index(l), h]), 4)} for l, h in heads]
     best = ex.abs().flatten().argmax().item()
+    exact_best = {"layer": exact.layers[best // ex.shape[1]], "head": best % ex.shape[1],
+                  "effect": round(float(ex.flatten()[best]), 4)}
+    agree = sum((r["attribution"] > 0) == (r["exact"] > 0) for r in rows) / max(len(rows), 1)
     plot_patching(att, [f"H{h}" for h in range(eff.shape[1])], out / "ioi_heads_attribution.png",
                   title=f"{MODEL}: IOI heads, attribution patching (denoise)")
     log(f"  IOI heads: attribution over {eff.numel()} heads, exact on {len(exact.layers)} layers, "
         f"{time.perf_counter() - t:.0f}s")
-    return {"pairs": len(prompts), "top": rows, "exact_layers": exact.layers,
-            "exact_best": {"layer": exact.layers[best // ex.shape[1]], "head": best % ex.shape[1],
-                           "effect": round(float(ex.flatten()[best]), 4)},
-            "sign_agreement": sum((r["attribution"] > 0) == (r["exact"] > 0) for r in rows) / max(len(rows), 1),
-            "seconds": round(time.perf_counter() - t, 1)}
+    return {"pairs": len(prompts), "top": rows, "exact_layers": exact.layers, "exact_best": exact_best,
+            "sign_agreement": agree, "seconds": round(time.perf_counter() - t, 1)}
 
 
 def facts(n_facts: int, samples: int, out: Path, log) -> dict:

@@ -1,7 +1,7 @@
 """Train small GPT-2s from scratch on the synthetic Physics-of-LMs data (CFG strings, iGSM problems).
 
 The permutation trainer of ``analyses.state_tracking.training`` is specific to state tracking, so the loop is here,
-but its checkpoint format is reused (``save_checkpoint`` / ``load_checkpoint`` / ``export_model``):
+but its checkpoint format is reused (``start_or_resume`` / ``save_checkpoint`` / ``export_model``):
 ``checkpoint-<step>/`` holds the model, tokenizer, AdamW moments and RNG state, so a killed run resumes
 where it stopped with the same batches (the batch of step k depends only on (seed, k)). Plain next-token
 loss; for iGSM only the solution is supervised. The final model goes to ``output_dir`` with recipe.json.
@@ -9,7 +9,7 @@ loss; for iGSM only the solution is supervised. The final model goes to ``output
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ import torch
 
 from interpkit.errors import UserError
 from interpkit.optim import Optimisation
-from interpkit.analyses.state_tracking.training import load_checkpoint, export_model, latest_checkpoint, save_checkpoint
+from interpkit.analyses.state_tracking.training import export_model, save_checkpoint, start_or_resume, train_bar
 
 TASKS = ("cfg", "igsm")
 
@@ -44,16 +44,11 @@ class PhysicsTrainConfig(Optimisation):
     log_every: int = 50
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+    def validate(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
         if self.d_model % self.n_heads:
             raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PhysicsTrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -79,10 +74,6 @@ def make_task(name: str, options: dict) -> LMTask:
     tok = build_tokenizer(icfg)
     return LMTask("igsm", tok, lambda n, seed: encode_problems(sample_problems(icfg, n, seed), tok),
                   info={"config": icfg})
-
-
-def _optimizer_factory(cfg: PhysicsTrainConfig):
-    return cfg.optimizer
 
 
 def build_model(cfg: PhysicsTrainConfig, tokenizer):
@@ -113,36 +104,17 @@ def train(cfg: PhysicsTrainConfig, *, resume: bool = True, stop_at: int | None =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = make_task(cfg.task, cfg.task_options)
-    factory = _optimizer_factory(cfg)
-    ckpt = latest_checkpoint(cfg.output_dir) if (resume and cfg.output_dir) else None
-    if ckpt is not None:
-        model, _tok, opt, meta = load_checkpoint(ckpt, factory)
-        free = ("progress", "log_every", "save_every", "output_dir", "threads")
-        if PhysicsTrainConfig.from_dict({**asdict(cfg), **{k: meta["config"][k] for k in free}}) != \
-                PhysicsTrainConfig.from_dict(meta["config"]):
-            raise UserError(f"{ckpt} was made with another config; use a fresh output dir or --no-resume")
-        step, history, wall_before = meta["step"], meta["history"], meta["wall_s"]
-    else:
-        with torch.random.fork_rng():
-            model = build_model(cfg, task.tokenizer)
-        torch.manual_seed(cfg.seed)
-        opt = factory(model)
-        step, history, wall_before = 0, [], 0.0
     tok = task.tokenizer
+    model, _tok, opt, meta = start_or_resume(cfg, cfg.optimizer, lambda: (build_model(cfg, tok), tok), resume=resume)
+    step, history, wall_before = (meta["step"], meta["history"], meta["wall_s"]) if meta else (0, [], 0.0)
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     t0 = time.perf_counter()
     model.train()
     with _bar(cfg.progress, end, step) as bar:
         while step < end:
             batch = task.batch(cfg.batch_size, cfg.seed * 1_000_003 + step)
-            for gr in opt.param_groups:
-                gr["lr"] = cfg.lr_at(step)
             loss, acc = _step_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            cfg.update(opt, model, loss, step)
             step += 1
             if step % cfg.log_every == 0 or step == end:
                 rec = {"step": step, "loss": round(loss.item(), 5), "acc": round(acc, 4),
@@ -189,11 +161,7 @@ class _bar:
 
     def __enter__(self):
         if self.on:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              TextColumn("{task.fields[info]}"))
-            self.p.__enter__()
-            self.t = self.p.add_task("train", total=self.total, completed=self.start, info="")
+            self.p, self.t = train_bar(self.total, self.start)
         return self
 
     def __call__(self, rec: dict) -> None:

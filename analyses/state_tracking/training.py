@@ -114,17 +114,14 @@ class TrainConfig(Optimisation):
     log_every: int = 10
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        if self.supervision not in SUPERVISIONS:
-            raise UserError(f"unknown supervision {self.supervision!r}; use one of {', '.join(SUPERVISIONS)}")
-        if self.base_model is None and self.arch not in ARCHS:
-            raise UserError(f"unknown arch {self.arch!r}; use {', '.join(ARCHS)} (or base_model=<hub id>)")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise UserError(f"unknown schedule {self.schedule!r}; use cosine, linear or constant")
-        if self.start_len is not None and not 1 <= self.start_len <= self.train_len:
-            raise UserError(f"start_len must be in 1..train_len ({self.train_len}), got {self.start_len}")
-        checks = [(self.positions in ("default", "none"), f"positions {self.positions!r}; use default or none"),
+    def validate(self) -> None:
+        checks = [(self.supervision in SUPERVISIONS,
+                   f"unknown supervision {self.supervision!r}; use one of {', '.join(SUPERVISIONS)}"),
+                  (self.base_model is not None or self.arch in ARCHS,
+                   f"unknown arch {self.arch!r}; use {', '.join(ARCHS)} (or base_model=<hub id>)"),
+                  (self.start_len is None or 1 <= self.start_len <= self.train_len,
+                   f"start_len must be in 1..train_len ({self.train_len}), got {self.start_len}"),
+                  (self.positions in ("default", "none"), f"positions {self.positions!r}; use default or none"),
                   (self.positions == "default" or (self.arch == "gpt2" and self.base_model is None),
                    "positions none needs arch gpt2 from scratch (neox models always rotate)"),
                   (self.random_positions is None or self.random_positions >= self.train_len + 1,
@@ -149,11 +146,6 @@ class TrainConfig(Optimisation):
             return self.train_len
         frac = step / self.curriculum_steps
         return min(self.train_len, self.start_len + int(frac * (self.train_len - self.start_len + 1)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass
@@ -342,6 +334,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+FREE_ON_RESUME = ("progress", "log_every", "save_every", "output_dir", "threads")   # logging, saving, speed
+
+
+def start_or_resume(cfg, optimizer_factory, build, *, resume: bool, free: tuple[str, ...] = ()) -> tuple:
+    """(model, tokenizer, optimizer, meta): from the last checkpoint in ``cfg.output_dir`` when ``resume``
+    finds one (meta: its trainer state), else built by ``build()`` -> (model, tokenizer) in a forked RNG,
+    then seeded with ``cfg.seed`` (meta None). A checkpoint of another config is refused; the fields in
+    FREE_ON_RESUME and ``free`` may differ."""
+    ckpt = latest_checkpoint(cfg.output_dir) if (resume and cfg.output_dir) else None
+    if ckpt is None:
+        with torch.random.fork_rng():
+            model, tok = build()
+        torch.manual_seed(cfg.seed)
+        return model, tok, optimizer_factory(model), None
+    model, tok, opt, meta = load_checkpoint(ckpt, optimizer_factory)
+    saved = meta["config"]
+    now = {**asdict(cfg), **{k: saved[k] for k in FREE_ON_RESUME + free if k in saved}}
+    if type(cfg).from_dict(saved) != type(cfg).from_dict(now):
+        raise UserError(f"{ckpt} was made with another config; use a fresh output_dir or resume=False")
+    return model, tok, opt, meta
+
+
 def load_checkpoint(path: Path, optimizer_factory):
     """(model, tokenizer, optimizer, meta) from a checkpoint folder."""
     import transformers as T
@@ -422,14 +436,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
     the ones exported."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    factory = _make_optimizer(cfg)
-    ckpt = latest_checkpoint(cfg.output_dir) if (resume and cfg.output_dir) else None
+    model, tok, opt, meta = start_or_resume(cfg, _make_optimizer(cfg), lambda: build_model(cfg), resume=resume,
+                                            free=("keep_checkpoints",))
     early = {"best_loss": None, "best_step": None, "bad": 0}
     best_state = None
-    if ckpt is not None:
-        model, tok, opt, meta = load_checkpoint(ckpt, factory)
-        if TrainConfig.from_dict(meta["config"]) != _comparable(cfg, meta["config"]):
-            raise UserError(f"{ckpt} was made with another config; use a fresh output_dir or resume=False")
+    if meta is not None:
         step, history, wall_before = meta["step"], meta["history"], meta["wall_s"]
         cur = Curriculum(cfg, meta.get("curriculum"))
         early = meta.get("early_stopping") or early
@@ -438,10 +449,6 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
             from safetensors.torch import load_file
             best_state = load_file(str(best_file))
     else:
-        with torch.random.fork_rng():
-            model, tok = build_model(cfg)
-        torch.manual_seed(cfg.seed)
-        opt = factory(model)
         step, history, wall_before = 0, [], 0.0
         cur = Curriculum(cfg)
     _apply_positions(model, cfg)
@@ -466,9 +473,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
                 v_loss, v_acc = validation_loss(model, tok, cfg, maps, topic_word)
                 rec.update(val_loss=round(v_loss, 5), val_acc=round(v_acc, 4))
                 if cfg.supervision in STATE_SUPERVISIONS:
-                    ev = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype,
-                                  scratchpad=cfg.supervision == "scratchpad")
+                    ev = _held_out_eval(model, tok, cfg)
                     rec.update(eval_min_acc=round(ev["min_state_acc"], 4), eval_acc=round(ev["mean_state_acc"], 4),
                                eval_parity=round(ev["mean_parity_acc"], 4))
                     final_eval = ev
@@ -501,9 +506,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, stop_at: int | None = None,
     if stopped or (cfg.patience and best_state is not None and step >= cfg.steps):
         model.load_state_dict(best_state)        # early stopping: the best evaluation's weights
         if cfg.supervision in STATE_SUPERVISIONS:
-            final_eval = evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
-                                  seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype,
-                                  scratchpad=cfg.supervision == "scratchpad")
+            final_eval = _held_out_eval(model, tok, cfg)
     if cfg.output_dir and (reached or stopped or step >= cfg.steps):
         export_model(cfg.output_dir, model, tok, cfg, step, wall, history, final_eval,
                      extra={"early_stopping": dict(early, stopped=stopped)} if cfg.patience else None)
@@ -549,26 +552,20 @@ def validation_loss(model, tokenizer, cfg: TrainConfig, maps=None, topic_word=No
     return loss.item(), acc
 
 
-def _comparable(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """cfg with the fields that may differ on resume (logging, saving) taken from the saved config."""
-    free = ("progress", "log_every", "save_every", "keep_checkpoints", "output_dir", "threads")
-    return TrainConfig.from_dict({**asdict(cfg), **{k: saved[k] for k in free if k in saved}})
+def _held_out_eval(model, tok, cfg: TrainConfig) -> dict:
+    """State/parity accuracy per position at train_len, on stories no training seed draws."""
+    return evaluate(model, tok, n=cfg.n, length=cfg.train_len, n_stories=cfg.eval_stories,
+                    seed=cfg.seed + _EVAL_SEED_OFFSET, dtype=cfg.dtype, scratchpad=cfg.supervision == "scratchpad")
 
 
 def _train_step(model, opt, cfg: TrainConfig, step: int, length: int, tok, maps,
                 topic_word=None) -> tuple[float, float, float]:
     ids, labels = make_batch(cfg, step, maps, length, topic_word)
     pos = random_position_ids(cfg, step, ids.shape[0], ids.shape[1])
-    for g in opt.param_groups:
-        g["lr"] = cfg.lr_at(step)
     with _autocast(cfg):
         logits = model(input_ids=ids, **({"position_ids": pos} if pos is not None else {})).logits
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
+    cfg.update(opt, model, loss, step)
     with torch.no_grad():
         mask = labels != -100
         hit = (logits.argmax(-1) == labels) & mask
@@ -621,6 +618,24 @@ def export_model(out_dir: str | Path, model, tokenizer, cfg: TrainConfig, step: 
     return out
 
 
+def train_bar(total: int, start: int) -> tuple:
+    """(bar, task): a started rich bar of a training loop (steps, elapsed, ETA, an ``info`` field);
+    the caller updates ``task`` and exits ``bar``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    bar.__enter__()
+    return bar, bar.add_task("train", total=total, completed=start, info="")
+
+
 class _progress:
     """Training progress: a rich bar with loss / accuracy and ETA on a terminal; otherwise (logs, pipes)
     one line per evaluation with the same figures. Nothing when cfg.progress is False."""
@@ -633,18 +648,7 @@ class _progress:
 
     def __enter__(self):
         if self.cfg.progress and self.tty:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.start, info="")
+            self.bar, self.task = train_bar(self.total, self.start)
         return self
 
     def update(self, rec: dict) -> None:

@@ -358,13 +358,14 @@ class RequestRecord:
     seconds: float | None = None
 
     @property
+    def status(self) -> str | None:
+        """The latest status sent for this request (None before the first)."""
+        return self.statuses[-1] if self.statuses else None
+
+    @property
     def blocking(self) -> bool:
         """Posted by a blocking client (it subscribed over the websocket first)."""
         return bool(self.session_id)
-
-    @property
-    def status(self) -> str | None:
-        return self.statuses[-1] if self.statuses else None
 
 
 class _Job:
@@ -582,21 +583,6 @@ class LoopbackNDIF:
             raise RuntimeError("LoopbackNDIF has not been started")
         return self._url
 
-    @property
-    def n_requests(self) -> int:
-        """How many requests (POST /request) the server has received."""
-        return len(self.requests)
-
-    def saw_api_key(self, key: str) -> bool:
-        """Whether any request carried ``key`` in its ``ndif-api-key`` header (compared by hash)."""
-        return any(r.api_key_sha256 == _sha256(key) for r in self.requests)
-
-    def reset(self) -> None:
-        """Forget the recorded requests (results already fetched are dropped too)."""
-        self.requests.clear()
-        self._latest.clear()
-        self._results.clear()
-
     def start(self) -> "LoopbackNDIF":
         """Start serving and configure nnsight to use this server.
 
@@ -659,6 +645,22 @@ class LoopbackNDIF:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    # -- recorded requests --
+    @property
+    def n_requests(self) -> int:
+        """How many requests (POST /request) the server has received."""
+        return len(self.requests)
+
+    def reset(self) -> None:
+        """Forget the recorded requests (results already fetched are dropped too)."""
+        self.requests.clear()
+        self._latest.clear()
+        self._results.clear()
+
+    def saw_api_key(self, key: str) -> bool:
+        """Whether any request carried ``key`` in its ``ndif-api-key`` header (compared by hash)."""
+        return any(r.api_key_sha256 == _sha256(key) for r in self.requests)
 
     # -- endpoints --
     def env(self) -> dict:
