@@ -31,11 +31,11 @@ SMOLLM2_LAYER = 3_540_096          # parameters of one smollm2-135m layer (the n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--facts", type=int, default=60)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=10)
-    ap.add_argument("--ms-per-token-layer", type=float, default=0.083)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--facts", type=int, default=60, help="known_1000 prompts planned")
+    ap.add_argument("--samples", type=int, default=10, help="corrupted samples per fact")
+    ap.add_argument("--window", type=int, default=10, help="layers per mlp / attn window")
+    ap.add_argument("--ms-per-token-layer", type=float, default=0.083, help="the floor's rate (2 threads)")
     args = ap.parse_args()
 
     from interpkit.gguf import converted_dir, resolve_builtin

@@ -277,44 +277,50 @@ def _ct_forwards(lm, fact, args):
     return cfg, jobs, rows, pick
 
 
+def _timed_forwards(args, run, warm=None) -> tuple:
+    """``run(lm, fact, forward, rows)`` on the picked batched-engine forwards, timed (after ``warm(lm, fact,
+    cfg)``): (cfg, jobs, picked indices, outputs, {seconds scaled to every forward, measured_s}, note)."""
+    lm = load(args)
+    fact = ct_fact(lm, args)
+    cfg, jobs, rows, pick = _ct_forwards(lm, fact, args)
+    with torch.no_grad():
+        if warm is not None:
+            warm(lm, fact, cfg)
+        t = time.perf_counter()
+        outs = [run(lm, fact, jobs[i][0], rows[i]) for i in pick]
+        s = time.perf_counter() - t
+    done = sum(rows[i] for i in pick)
+    timing = {"seconds": s / done * sum(rows), "measured_s": s}
+    return cfg, jobs, pick, outs, timing, f"scaled from {len(pick)} of {len(jobs)} forwards ({done} of {sum(rows)} rows)"
+
+
 def row_ct_batched(args) -> dict:
     from interpkit.analyses.causal_tracing import trace as CT
     from interpkit.engine.inside import trace_forward
 
-    lm = load(args)
-    fact = ct_fact(lm, args)
-    cfg, jobs, rows, pick = _ct_forwards(lm, fact, args)
-    S, L = cfg.samples, lm.arch.n_layers
-    kinds = cfg.all_kinds()
-    with torch.no_grad():
-        CT.trace_facts(lm, [fact], cfg, args.level, restorations=lambda f: [("hidden", len(f.ids) - 1, L - 1)])
-        t = time.perf_counter()
-        outs = [trace_forward(lm.model, jobs[i][0]) for i in pick]
-        s = time.perf_counter() - t
+    def warm(lm, fact, cfg):
+        last = [("hidden", len(fact.ids) - 1, lm.arch.n_layers - 1)]
+        CT.trace_facts(lm, [fact], cfg, args.level, restorations=lambda f: last)
+
+    cfg, jobs, pick, outs, timing, note = _timed_forwards(args, lambda lm, fact, fwd, n: trace_forward(lm.model, fwd),
+                                                          warm)
+    kinds, S = cfg.all_kinds(), cfg.samples
     cells, vals = [], []
     for i, (p, _) in zip(pick, outs):
         v = p.double()[1 + S:].view(-1, S).mean(1)
         for (kind, tok, layer), x in zip(jobs[i][1], v.tolist()):
             cells.append((kinds.index(kind), tok, layer))
             vals.append(x)
-    done = sum(rows[i] for i in pick)
-    return {"seconds": s / done * sum(rows), "measured_s": s, "cells": cells, "values": vals,
-            "note": f"scaled from {len(pick)} of {len(jobs)} forwards ({done} of {sum(rows)} rows)"}
+    return {**timing, "cells": cells, "values": vals, "note": note}
 
 
 def row_ct_limit(args) -> dict:
-    lm = load(args)
-    fact = ct_fact(lm, args)
-    _, jobs, rows, pick = _ct_forwards(lm, fact, args)
-    with torch.no_grad():
-        t = time.perf_counter()
-        for i in pick:
-            x = fact.ids[None].expand(rows[i], -1)
-            lm.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
-        s = time.perf_counter() - t
-    done = sum(rows[i] for i in pick)
-    return {"seconds": s / done * sum(rows), "measured_s": s,
-            "note": f"plain HF forwards of the batched rows; scaled from {len(pick)} of {len(jobs)} forwards"}
+    def plain(lm, fact, fwd, n):
+        x = fact.ids[None].expand(n, -1)
+        return lm.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
+
+    *_, timing, note = _timed_forwards(args, plain)
+    return {**timing, "note": f"plain HF forwards of the batched rows; {note}"}
 
 
 def row_ct_loop(args) -> dict:

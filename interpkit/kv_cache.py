@@ -20,15 +20,25 @@ def layer_kv(cache, layer: int):
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def prefix_cache(config, kv: list, p: int, rows: torch.Tensor):
+def prefix_cache(config, kv: list, p: int, rows: torch.Tensor, skipped: int = 0):
     """A fresh DynamicCache holding the first ``p`` positions of ``kv`` (per layer (keys, values)) for the
-    reference rows ``rows`` (one entry per row of the new batch)."""
+    reference rows ``rows`` (one entry per row of the new batch). The first ``skipped`` layers do not run
+    (their cache is only measured, for positions and masks): they get views of the right shape, not copies."""
     from transformers import DynamicCache
 
     try:
         cache = DynamicCache(config=config)
     except TypeError:
         cache = DynamicCache()
+    n = rows.shape[0]
     for layer, (k, v) in enumerate(kv):
-        cache.update(k[rows, :, :p], v[rows, :, :p], layer)
+        if layer < skipped:
+            k, v = k[:1, :, :p].expand(n, -1, -1, -1), v[:1, :, :p].expand(n, -1, -1, -1)
+        else:
+            k, v = k[rows, :, :p], v[rows, :, :p]
+        if hasattr(cache, "layers"):                # transformers 5: set the layer, no concatenation copy
+            cache.update(k[:, :, :0], v[:, :, :0], layer)
+            cache.layers[layer].keys, cache.layers[layer].values = k, v
+        else:
+            cache.update(k, v, layer)
     return cache

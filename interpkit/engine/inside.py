@@ -397,7 +397,7 @@ def run_chunk(model, sweep: Sweep, base: Recorded, source: Recorded, job: Suffix
     mask = ref.inputs["attention_mask"]
     inputs = {"input_ids": ref.inputs["input_ids"][rows, p0:], "attention_mask": mask[rows],
               "position_ids": positions(mask)[rows, p0:]}
-    cache = prefix_cache(None, base.kv, p0, rows) if job.cache else None
+    cache = prefix_cache(None, base.kv, p0, rows, l0) if job.cache else None
     start = base.acts[job.start][rows, p0:].clone() if l0 > 0 else None
     writes = list()
     for w in job.writes:
@@ -411,13 +411,18 @@ def run_chunk(model, sweep: Sweep, base: Recorded, source: Recorded, job: Suffix
                                        sweep.n_heads, l0, start, cache))
 
 
+def trace_references(model, sweep: Sweep, keep: bool) -> tuple[Recorded, Recorded]:
+    """The sweep's base and source runs (the base run's records fill the writes when it has no source)."""
+    base = trace_reference(model, sweep.base, sweep.n_layers, sweep.n_heads, keep)
+    if sweep.source is None:
+        return base, base
+    return base, trace_reference(model, sweep.source, sweep.n_layers, sweep.n_heads, keep)
+
+
 def trace_sweep(model, sweep: Sweep) -> tuple:
     """Every forward of a sweep inside one session: (base metric, base answer ids, source metric or
     None, per-chunk metrics)."""
-    base = trace_reference(model, sweep.base, sweep.n_layers, sweep.n_heads, False)
-    source = base
-    if sweep.source is not None:
-        source = trace_reference(model, sweep.source, sweep.n_layers, sweep.n_heads, False)
+    base, source = trace_references(model, sweep, False)
     outs = list()
     for job in sweep.chunks:
         outs.append(run_chunk(model, sweep, base, source, job))

@@ -164,7 +164,6 @@ class LayerWrite:
     activation where ``mask[i]`` is set (positions counted from the chunk's first position)."""
 
     layer: int
-    layer_index: int               # index into the swept layers (which source activation)
     rows: torch.Tensor             # [n] rows of the chunk
     pairs: torch.Tensor            # [n] pair of each row (its base and source run)
     mask: torch.Tensor             # [n, T - p0, 1] or [n, T - p0, H, 1] bool
@@ -265,6 +264,6 @@ def _chunk(index: int, rows: list, spec: SweepSpec) -> Chunk:
     for li in sorted(by_layer):
         idx = by_layer[li]
         mask = torch.stack([rows[i][5][p0:] for i in idx])[..., None]
-        chunk.writes.append(LayerWrite(layer=spec.layers[li], layer_index=li, rows=torch.tensor(idx),
+        chunk.writes.append(LayerWrite(layer=spec.layers[li], rows=torch.tensor(idx),
                                        pairs=torch.tensor([rows[i][4] for i in idx]), mask=mask))
     return chunk

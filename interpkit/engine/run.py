@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from interpkit.engine.inside import (Forward, Readout, Reference, Suffix, Sweep, Write, in_forward_order, only_read_ids,
-                                     run_chunk, trace_forward, trace_reference, trace_sweep)
+                                     run_chunk, trace_forward, trace_references, trace_sweep)
 from interpkit.engine.plan import Chunk, Plan
 
 
@@ -102,10 +102,7 @@ def run_sweeps(model, sweeps: list[Sweep], remote=False, on_chunk=None, progress
             if remote:
                 chunks = out[i].chunks
             else:
-                base = trace_reference(model, sweep.base, sweep.n_layers, sweep.n_heads, True)
-                source = base
-                if sweep.source is not None:
-                    source = trace_reference(model, sweep.source, sweep.n_layers, sweep.n_heads, True)
+                base, source = trace_references(model, sweep, True)
                 chunks = []
                 out.append(SweepValues(base.values, base.answer, None if sweep.source is None else source.values,
                                        chunks))
