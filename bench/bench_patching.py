@@ -104,7 +104,7 @@ def limit_fn(hf, lm, prompts, cfg: PatchConfig, last_only: bool):
     """The plain HF forwards the engine's sweep amounts to: same batch shapes, no nnsight."""
     P, T = prompts.input_ids.shape
     chunks = plan_chunks(cfg, P, list(range(lm.arch.n_layers)), list(range(T)), T, lm.arch.n_heads)
-    batches = [torch.cat([prompts.input_ids] * (len(part) + 2)) for part, _ in chunks]
+    batches = [torch.cat([prompts.input_ids] * (len(c.cells) + 2)) for c in chunks]
     kw = {"logits_to_keep": 1} if last_only else {}
 
     def run():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interpkit.engine.inside import UNEMBED_IN, Forward, Readout, Write, patch_site
-from interpkit.engine.plan import ForwardCost, Plan, SweepSpec, first_difference, plan_sweep, same_embedding
+from interpkit.engine.plan import ForwardCost, LayerWrite, Plan, SweepSpec, first_difference, plan_sweep, same_embedding
 from interpkit.engine.run import SweepRuns, run_forwards, run_plan, run_session
 from interpkit.errors import UserError
 from interpkit.metrics import SEQ_LOGPROB, normalize
@@ -290,28 +290,33 @@ def run_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None 
 
 
 # -- the reference engine: whole prompts, every layer, source and base rows in every chunk -------------
-def plan_chunks(cfg: PatchConfig, n_pairs: int, layers: list[int], cells: list[int], T: int, n_heads: int):
-    """Split the (layer, cell) grid into chunks and, per chunk, per layer, the rows to patch and where.
+@dataclass
+class FullChunk:
+    """One forward of the plain engine: the source and base rows, then one base row per (pair, cell) of
+    ``cells`` ((layer index, cell index) each); ``writes`` say which rows take which pair's source rows."""
 
-    Returns a list of (cell_ids, per_layer) where per_layer is a list of
-    (layer, rows, src_rows, mask) with rows/src_rows LongTensors and mask a bool tensor broadcastable to
-    the site's activation at those rows.
-    """
+    cells: list[tuple[int, int]]
+    writes: list[LayerWrite]
+
+
+def plan_chunks(cfg: PatchConfig, n_pairs: int, layers: list[int], cells: list[int], T: int,
+                n_heads: int) -> list[FullChunk]:
+    """The (layer, cell) grid in chunks of at most ``max_rows`` rows (the source and base rows included)."""
     masks = cell_masks(cfg, cells, T, n_heads)
     grid = [(li, ci) for li in range(len(layers)) for ci in range(len(cells))]
     per_chunk = max(1, (cfg.max_rows - 2 * n_pairs) // n_pairs)
     chunks = []
     for start in range(0, len(grid), per_chunk):
         part = grid[start:start + per_chunk]
-        per_layer = []
+        writes = []
         for li, layer in enumerate(layers):
             ks = [k for k, (gli, _) in enumerate(part) if gli == li]
             if not ks:
                 continue
             rows = torch.tensor([2 * n_pairs + k * n_pairs + p for k in ks for p in range(n_pairs)])
             mask = torch.stack([masks[part[k][1]] for k in ks for _ in range(n_pairs)])[..., None]
-            per_layer.append((layer, rows, torch.arange(n_pairs).repeat(len(ks)), mask))
-        chunks.append((part, per_layer))
+            writes.append(LayerWrite(layer, rows, torch.arange(n_pairs).repeat(len(ks)), mask))
+        chunks.append(FullChunk(part, writes))
     return chunks
 
 
@@ -326,27 +331,27 @@ def run_full_patching(lm, prompts, cfg: PatchConfig, candidates=None, on_chunk=N
     t0 = time.perf_counter()
     done = done or {}
 
-    def forward(part, per_layer) -> Forward:
-        n = len(part) + 2
-        writes = [Write(cfg.site, layer, rows, mask=mask, src=None if cfg.mode == "deletion" else src)
-                  for layer, rows, src, mask in per_layer]
-        return Forward(_chunk_inputs(base, source, len(part)),
+    def forward(chunk: FullChunk) -> Forward:
+        n = len(chunk.cells) + 2
+        writes = [Write(cfg.site, w.layer, w.rows, mask=w.mask, src=None if cfg.mode == "deletion" else w.pairs)
+                  for w in chunk.writes]
+        return Forward(_chunk_inputs(base, source, len(chunk.cells)),
                        Readout(inp.metric, answer.repeat(n, 1), wrong.repeat(n, 1), candidates), writes,
                        n_heads=lm.arch.n_heads)
 
     todo = [i for i in range(len(chunks)) if i not in done]
     if lm.remote:
-        fresh = dict(zip(todo, run_forwards(lm.model, [forward(*chunks[i]) for i in todo], lm.remote)))
+        fresh = dict(zip(todo, run_forwards(lm.model, [forward(chunks[i]) for i in todo], lm.remote)))
     for i in range(len(chunks)):
         if i in done:
             out = done[i]
         elif lm.remote:
             out = fresh[i][0]
         else:
-            out = run_forwards(lm.model, [forward(*chunks[i])])[0][0]
+            out = run_forwards(lm.model, [forward(chunks[i])])[0][0]
         out = torch.as_tensor(out).float().cpu()
         source_v, base_v = out[:P], out[P:2 * P]
-        for k, (li, ci) in enumerate(chunks[i][0]):
+        for k, (li, ci) in enumerate(chunks[i].cells):
             values[:, li, ci] = out[2 * P + k * P: 2 * P + (k + 1) * P]
         if on_chunk is not None and i not in done:
             on_chunk(i, out)
