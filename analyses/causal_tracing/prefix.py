@@ -27,12 +27,13 @@ and cache staying on the server.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from interpkit.engine.inside import ANSWER_PROB, Noise, Readout, Reference, Suffix, Sweep, Write
-from interpkit.engine.plan import ForwardCost, group_by_start
+from interpkit.engine.plan import ForwardCost, group_by_start, reaches_readout
 from interpkit.engine.run import run_sweeps
 
 ATTN, MLP, RESID = 0, 1, 2                        # sites within a layer, in forward order
@@ -115,11 +116,11 @@ class FactPlan:
     sites: list[int]                # sites the reference forward records (forward order)
 
 
-def normalise(writes: tuple, n_tokens: int, n_layers: int, subject_first: int, n_read: int = 1) -> tuple:
-    """The writes that can change the answer, sorted; "before the subject" and "last layer, before the
-    ``n_read`` positions whose logits are read" writes are no-ops."""
-    keep = {w for w in writes if w[2] >= subject_first and not (w[0] == n_layers - 1 and w[2] < n_tokens - n_read)}
-    return tuple(sorted(keep))
+def normalise(writes: tuple, live) -> tuple:
+    """The writes that can change the answer, sorted; ``live(layer, site)`` is the [T] bool of positions
+    where a write can (``interpkit.engine.plan.reaches_readout``: not before the subject, and at the last
+    layer only where logits are read)."""
+    return tuple(sorted({w for w in writes if live(w[0], w[1])[w[2]]}))
 
 
 def first_layer(writes: tuple) -> int:
@@ -146,11 +147,17 @@ class FactShape:
 def plan_fact(restorations: list, shape: FactShape) -> FactPlan:
     """The distinct restorations that need computing and their grouping into forwards (module doc)."""
     T, L, S = shape.n_tokens, shape.n_layers, shape.samples
+    first = torch.tensor([shape.subject_first])
+
+    @functools.cache
+    def live(layer: int, site_: int) -> torch.Tensor:
+        return reaches_readout(first, layer, SITE_NAMES[site_], L, T, shape.n_read)[0]
+
     unique: list[tuple] = []
     index: dict[tuple, int] = {}
     source = []
     for spec in restorations:
-        w = normalise(restoration_writes(spec, shape.window, L), T, L, shape.subject_first, shape.n_read)
+        w = normalise(restoration_writes(spec, shape.window, L), live)
         if not w:
             source.append(("low",))
         elif first_layer(w) == L and shape.n_read == 1:     # only h^(L-1) at the last position is written

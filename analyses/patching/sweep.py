@@ -30,7 +30,7 @@ from interpkit.engine.inside import UNEMBED_IN, Forward, Readout, Write, patch_s
 from interpkit.engine.plan import ForwardCost, LayerWrite, Plan, SweepSpec, first_difference, plan_sweep, same_embedding
 from interpkit.engine.run import SweepRuns, run_forwards, run_plan, run_session
 from interpkit.errors import UserError
-from interpkit.metrics import SEQ_LOGPROB, normalize
+from interpkit.metrics import SEQ_LOGPROB, kept_logits, normalize
 from interpkit.sites import SITES
 from interpkit.tasks.base import append_tokens
 
@@ -252,6 +252,7 @@ def plan_patching(lm, prompts, cfg: PatchConfig, candidates: torch.Tensor | None
                      first_diff=first_difference(base["input_ids"], source["input_ids"], base["attention_mask"],
                                                  source["attention_mask"]),
                      substitution=cfg.mode == "substitution", max_rows=cfg.max_rows,
+                     n_read=kept_logits(inp.metric, inp.answer),
                      cost=ForwardCost.for_model(lm.arch), same_embedding=same_embedding(base, source))
     runs = SweepRuns(base=base, source=source, site=cfg.site, n_heads=lm.arch.n_heads, n_layers=lm.arch.n_layers,
                      metric=inp.metric, answer=inp.answer, wrong=inp.wrong, candidates=candidates,

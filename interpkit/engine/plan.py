@@ -8,8 +8,9 @@ source run's activation over the cell's region. Three facts make most of that wo
    cell with nothing left is *skipped*: its value is the base run's metric, exactly. The same holds
    for ``resid_pre`` of layer 0 at a later position holding the same token (it is that token's
    embedding).
-2. The metric reads the last position only. At the last layer a write to ``resid_post``, ``attn_out``,
-   ``mlp_out`` or ``head_out`` (and ``unembed_in`` anywhere) away from the last position reaches nothing.
+2. The metric reads the logits of the last position (of the last few, for multi-token answers). At the
+   last layer a write to ``resid_post``, ``attn_out``, ``mlp_out`` or ``head_out`` (and ``unembed_in``
+   anywhere) away from those positions reaches nothing.
 3. A write at (layer l, position p) cannot change anything below l or before p: a chunk whose rows start
    at (l0, p0) runs tokens p0.. on top of the base run's key/value cache, with layers < l0 skipped.
 
@@ -146,6 +147,7 @@ class SweepSpec:
     first_diff: torch.Tensor       # [pairs] first position where base and source differ (T: none)
     substitution: bool = True      # deletion writes zeros: nothing is a no-op
     max_rows: int = 512
+    n_read: int = 1                # last positions whose logits the metric reads
     cost: ForwardCost | None = None   # how rows are grouped into forwards (None: ForwardCost())
     same_embedding: torch.Tensor | None = None   # [pairs, T] bool: base and source embed a position alike
 
@@ -214,18 +216,28 @@ def same_embedding(base: dict, source: dict) -> torch.Tensor:
             & (positions(base["attention_mask"]) == positions(source["attention_mask"])))
 
 
+def reaches_readout(first: torch.Tensor, layer: int, site: str, n_layers: int, n_tokens: int, n_read: int = 1,
+                    substitution: bool = True) -> torch.Tensor:
+    """[n, T] bool: where a write at (``site``, ``layer``) can change what the readout reads, for runs
+    whose tokens first differ at ``first`` [n]: nowhere before ``first`` (a substitution there writes
+    what is already there, facts 1), and at the last layer, for a site that stays at its own position
+    (``unembed_in`` anywhere), only at the ``n_read`` last positions, whose logits are read (fact 2).
+    Patching's and causal tracing's planners both ask this."""
+    pos = torch.arange(n_tokens)
+    keep = torch.ones(first.shape[0], n_tokens, dtype=torch.bool)
+    if substitution:
+        keep &= pos[None] >= first[:, None]
+    if layer >= n_layers or (layer == n_layers - 1 and site in LAST_LAYER_LOCAL):
+        keep &= pos[None] >= n_tokens - n_read
+    return keep
+
+
 def effective_masks(spec: SweepSpec, li: int) -> torch.Tensor:
     """[pairs, cells, T(, H)] bool: the writes of every (pair, cell) at swept layer ``li`` that can matter."""
-    T = spec.T
-    pos = torch.arange(T)
-    keep = torch.ones(spec.n_pairs, T, dtype=torch.bool)
     layer = spec.layers[li]
-    if spec.substitution:
-        keep &= pos[None] >= spec.first_diff[:, None]
-        if layer == 0 and spec.site == "resid_pre" and spec.same_embedding is not None:
-            keep &= ~spec.same_embedding            # the embedding of the same token at the same position
-    if layer >= spec.n_layers or (layer == spec.n_layers - 1 and spec.site in LAST_LAYER_LOCAL):
-        keep &= pos[None] == T - 1
+    keep = reaches_readout(spec.first_diff, layer, spec.site, spec.n_layers, spec.T, spec.n_read, spec.substitution)
+    if spec.substitution and layer == 0 and spec.site == "resid_pre" and spec.same_embedding is not None:
+        keep &= ~spec.same_embedding                # the embedding of the same token at the same position
     m = spec.cell_masks[None]                                   # [1, cells, T(, H)]
     k = keep[:, None]                                           # [pairs, 1, T]
     return m & (k[..., None] if m.dim() == 4 else k)

@@ -167,10 +167,12 @@ PAIRS = [{"prompt": "When Mary and John went to the store, John gave a drink to"
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family):
+@pytest.mark.parametrize("site", ["resid_pre", "mlp_out"])
+def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family, site):
     """Patching with multi-token answers: the base and source metrics are the teacher-forced summed
     log-probability of the answer minus the wrong answer (checked against the scoring tool), and the
-    default engine equals the plain full-forward engine on every cell."""
+    default engine equals the plain full-forward engine on every cell (``mlp_out``: the last layer's
+    write at the last prompt position reaches the first answer token's logits, so it is not skipped)."""
     from interpkit.analyses.patching.sweep import PatchConfig, run_patching
     from interpkit.tasks.base import append_tokens
 
@@ -186,8 +188,8 @@ def test_multi_token_patching_is_the_summed_logprob_difference(tmp_path, family)
         return torch.stack([sum(logp[b, T - 1 + j, t] for j, t in enumerate(row.tolist()) if t >= 0)
                             for b, row in enumerate(ans)])
 
-    fast = run_patching(lm, ps, PatchConfig(site="resid_pre"))
-    slow = run_patching(lm, ps, PatchConfig(site="resid_pre", engine="full"))
+    fast = run_patching(lm, ps, PatchConfig(site=site))
+    slow = run_patching(lm, ps, PatchConfig(site=site, engine="full"))
     clean, corrupt = logprob(False, "answer") - logprob(False, "wrong"), logprob(True, "answer") - logprob(True, "wrong")
     assert torch.allclose(fast.source, clean, atol=1e-4) and torch.allclose(fast.base, corrupt, atol=1e-4)
     assert torch.allclose(slow.base, fast.base, atol=1e-4) and torch.allclose(slow.source, fast.source, atol=1e-4)
