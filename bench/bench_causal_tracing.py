@@ -2,7 +2,7 @@
 
     python bench/bench_causal_tracing.py [--reps 3] [--models synthetic,tiny-llama,gpt2-6x256]
 
-* prefix:  ``analyses.causal_tracing.trace`` with its default engine (``causal_tracing_prefix``: one reference
+* prefix:  ``analyses.causal_tracing.trace`` with its default engine (``analyses.causal_tracing.prefix``: one reference
            forward, then per chunk only the tokens and layers a restoration can change);
 * prefix limit: the plain HF forwards that engine needs (the reference forward with its cache, then each
            chunk's suffix on the cached prefix with the skipped layers replaced by their input; no
