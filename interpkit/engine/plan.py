@@ -90,7 +90,7 @@ def group_by_start(items: list[tuple[int, int, int]], n_tokens: int, n_layers: i
     while j > 0:
         out = best[j][2] + out
         j = best[j][1]
-    return out
+    return [(min(items[i][0] for i in idx), min(items[i][1] for i in idx), idx) for _, _, idx in out]
 
 
 def _layer_groups(members: dict[int, list[int]], items, p0: int, n_tokens: int, n_layers: int, max_rows: int,
