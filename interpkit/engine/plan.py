@@ -71,32 +71,33 @@ def group_by_start(items: list[tuple[int, int, int]], n_tokens: int, n_layers: i
     most ``max_rows`` rows (an item larger than that runs alone), each computing tokens p0.. through
     layers l0.. for all its rows: the grouping of least ``cost`` among those that merge contiguous
     start positions (at most ``MAX_SPAN``) and, within them, contiguous start layers (dynamic
-    programming on both)."""
+    programming on both; only the chosen grouping is built)."""
     by_start: dict[tuple[int, int], list[int]] = {}
     for i, (p, l, _) in enumerate(items):
         by_start.setdefault((p, l), []).append(i)
     starts = sorted({p for p, _ in by_start})
-    best: list[tuple[float, int, list]] = [(0.0, -1, [])] + [(float("inf"), -1, [])] * len(starts)
+    best: list[tuple[float, int, dict]] = [(0.0, -1, {})] + [(float("inf"), -1, {})] * len(starts)
     for j in range(len(starts)):
         for i in range(max(0, j - MAX_SPAN + 1), j + 1):
             members: dict[int, list[int]] = {}
             for (p, l), idx in by_start.items():
                 if starts[i] <= p <= starts[j]:
                     members.setdefault(l, []).extend(idx)
-            c, groups = _layer_groups(members, items, starts[i], n_tokens, n_layers, max_rows, cost)
-            if best[i][0] + c < best[j + 1][0]:
-                best[j + 1] = (best[i][0] + c, i, groups)
+            c = best[i][0] + _layer_cost(members, items, n_tokens - starts[i], n_layers, max_rows, cost)[0]
+            if c < best[j + 1][0]:
+                best[j + 1] = (c, i, members)
     out, j = [], len(starts)
     while j > 0:
-        out = best[j][2] + out
-        j = best[j][1]
-    return [(min(items[i][0] for i in idx), min(items[i][1] for i in idx), idx) for _, _, idx in out]
+        _, i, members = best[j]
+        out = _layer_groups(members, items, n_tokens - starts[i], n_layers, max_rows, cost) + out
+        j = i
+    return [(min(items[i][0] for i in idx), min(items[i][1] for i in idx), idx) for idx in out]
 
 
-def _layer_groups(members: dict[int, list[int]], items, p0: int, n_tokens: int, n_layers: int, max_rows: int,
-                  cost: ForwardCost) -> tuple[float, list]:
-    """The least-cost grouping of ``members`` (start layer -> items) into forwards from position ``p0``:
-    contiguous ranges of start layers; only a single start layer may exceed ``max_rows`` (split)."""
+def _layer_cost(members: dict[int, list[int]], items, tokens: int, n_layers: int, max_rows: int,
+                cost: ForwardCost) -> tuple[float, list[tuple[int, int]]]:
+    """(least cost, back-pointers) of grouping ``members`` (start layer -> items), ``tokens`` tokens each,
+    into contiguous ranges of start layers; only a single start layer may exceed ``max_rows`` (split)."""
     layers = sorted(members)
     weight = [sum(items[i][2] for i in members[l]) for l in layers]
     best: list[tuple[float, int]] = [(0.0, -1)] + [(float("inf"), -1)] * len(layers)
@@ -107,16 +108,23 @@ def _layer_groups(members: dict[int, list[int]], items, p0: int, n_tokens: int, 
             if n > max_rows and a < b:
                 break
             forwards = len(_split(members[layers[a]], items, max_rows)) if a == b else 1
-            c = best[a][0] + cost.of(n, n_tokens - p0, max(n_layers - layers[a], 1), forwards)
+            c = best[a][0] + cost.of(n, tokens, max(n_layers - layers[a], 1), forwards)
             if c < best[b + 1][0]:
                 best[b + 1] = (c, a)
+    return best[-1][0], best
+
+
+def _layer_groups(members: dict[int, list[int]], items, tokens: int, n_layers: int, max_rows: int,
+                  cost: ForwardCost) -> list[list[int]]:
+    """The forwards (their items) of ``_layer_cost``'s grouping."""
+    layers = sorted(members)
+    best = _layer_cost(members, items, tokens, n_layers, max_rows, cost)[1]
     groups, b = [], len(layers)
     while b > 0:
         a = best[b][1]
-        rows = [i for l in layers[a:b] for i in members[l]]
-        groups = [(p0, layers[a], piece) for piece in _split(rows, items, max_rows)] + groups
+        groups = _split([i for l in layers[a:b] for i in members[l]], items, max_rows) + groups
         b = a
-    return best[-1][0], groups
+    return groups
 
 
 def _split(rows: list[int], items, max_rows: int) -> list[list[int]]:
@@ -148,7 +156,7 @@ class SweepSpec:
     substitution: bool = True      # deletion writes zeros: nothing is a no-op
     max_rows: int = 512
     n_read: int = 1                # last positions whose logits the metric reads
-    cost: ForwardCost | None = None   # how rows are grouped into forwards (None: ForwardCost())
+    cost: ForwardCost = field(default_factory=ForwardCost)   # how rows are grouped into forwards
     same_embedding: torch.Tensor | None = None   # [pairs, T] bool: base and source embed a position alike
 
     @property
@@ -257,8 +265,7 @@ def plan_sweep(spec: SweepSpec) -> Plan:
         start = torch.where(anypos, torch.arange(T), torch.full_like(anypos, T, dtype=torch.long)).min(-1).values
         for p, c in live.nonzero().tolist():
             rows.append((min(layer, spec.n_layers), int(start[p, c]), li, c, p, eff[p, c]))
-    groups = group_by_start([(r[1], r[0], 1) for r in rows], T, spec.n_layers, spec.max_rows,
-                            spec.cost or ForwardCost())
+    groups = group_by_start([(r[1], r[0], 1) for r in rows], T, spec.n_layers, spec.max_rows, spec.cost)
     chunks = [_chunk(k, sorted((rows[i] for i in idx), key=lambda r: (r[0], r[1])), spec)
               for k, (_, _, idx) in enumerate(groups)]
     full = P * len(spec.layers) * n_cells * T * spec.n_layers
