@@ -40,8 +40,10 @@ ANSWER_PROB = "answer_prob"
 """Readout metric: the teacher-forced probability of one answer shared by every row (``sequence_prob``)."""
 LOGITS = "logits"
 """Readout "metric": the last position's logits of the ``candidates`` ids, [rows, k] in float."""
-SITE_ORDER = {"resid_pre": 0, ATTN_SCORES: 0.5, "head_out": 1, "attn_out": 2, ATTN_PATTERN: 2, "mlp_out": 3,
-              "resid_post": 4}
+MLP_TAIL = "mlp_tail"
+"""Site of a ``MlpTail``: the MLP's call (after attention, before ``mlp_out``)."""
+SITE_ORDER = {"resid_pre": 0, ATTN_SCORES: 0.5, "head_out": 1, "attn_out": 2, ATTN_PATTERN: 2, MLP_TAIL: 2.5,
+              "mlp_out": 3, "resid_post": 4}
 """Forward order of the sites within a layer (``final_in``, then ``unembed_in``, come after every layer)."""
 
 
@@ -87,6 +89,18 @@ class ScoreAdd:
 
 
 @dataclass(repr=False)
+class MlpTail:
+    """The MLP of ``layer`` run at the last ``keep`` positions only, zeros elsewhere. Exact for the last
+    layer of a forward that reads the logits of those positions and records nothing: its MLP output at
+    the other positions reaches no logit read (they feed no later layer), while their keys and values
+    still come from the attention, which runs in full. Saves (T - keep) / T of the last layer's MLP."""
+
+    layer: int
+    keep: int
+    site: str = MLP_TAIL
+
+
+@dataclass(repr=False)
 class Noise:
     """Corruption of the embedding output: row b becomes ``corrupt(e[b], bank[rows[b]])``."""
 
@@ -118,7 +132,7 @@ class Forward:
 
     inputs: dict
     readout: Readout
-    writes: list                   # [Write | ScoreAdd]
+    writes: list                   # [Write | ScoreAdd | MlpTail]
     noise: Noise | None = None
     n_heads: int = 0
     l0: int = 0
@@ -256,13 +270,23 @@ def add_scores(model, a: ScoreAdd, n_heads: int) -> None:
     op.inputs = ((*args[:4], mask + add, *args[5:]), kwargs)
 
 
+def mlp_tail(model, t: MlpTail) -> None:
+    """``MlpTail``: the MLP computed on its input's last ``t.keep`` positions, zeros before them."""
+    mlp = model.layers[t.layer].mlp
+    x = mlp.input
+    y = mlp(x[:, -t.keep:].contiguous())
+    out = torch.zeros(x.shape[0], x.shape[1], y.shape[-1], dtype=y.dtype, device=y.device)
+    out[:, -t.keep:] = y
+    mlp.skip(out)
+
+
 def record(model, name: str, layer: int, n_heads: int = 0) -> torch.Tensor:
     """A copy of the activation at (site, layer) on the cpu (later in-place writes do not reach it)."""
     return patch_site(model, name, layer, n_heads).detach().to("cpu", copy=True)
 
 
 def apply_writes(model, writes: list, n_heads: int = 0, records: list | None = None, out: list | None = None) -> None:
-    """Every write (``Write`` or ``ScoreAdd``), each at its site (``writes`` in forward order); with
+    """Every write (``Write``, ``ScoreAdd`` or ``MlpTail``), each at its site (``writes`` in forward order); with
     ``records`` ((site, layer) in forward order) those activations appended to ``out`` as the forward
     reaches them, each after the writes at its site."""
     records = records or []
@@ -274,6 +298,8 @@ def apply_writes(model, writes: list, n_heads: int = 0, records: list | None = N
             i += 1
         if w.site == ATTN_SCORES:
             add_scores(model, w, n_heads)
+        elif w.site == MLP_TAIL:
+            mlp_tail(model, w)
         else:
             apply_write(patch_site(model, w.site, w.layer, n_heads), w)
     for name, layer in records[i:]:
@@ -407,8 +433,11 @@ def run_chunk(model, sweep: Sweep, base: Recorded, source: Recorded, job: Suffix
         else:
             writes.append(w)
     noise = Noise(ref.noise.bank[:, p0:], ref.noise.rows[rows]) if ref.noise is not None and l0 == 0 else None
-    return trace_suffix(model, Forward(inputs, rows_readout(ref.readout, base.answer, rows), writes, noise,
-                                       sweep.n_heads, l0, start, cache))
+    readout = rows_readout(ref.readout, base.answer, rows)
+    keep, last = kept(readout), sweep.n_layers - 1
+    if l0 <= last and not readout.records and 0 < keep < inputs["input_ids"].shape[1]:
+        writes = sorted(writes + [MlpTail(last, keep)], key=lambda w: order_key(w.site, w.layer))
+    return trace_suffix(model, Forward(inputs, readout, writes, noise, sweep.n_heads, l0, start, cache))
 
 
 def trace_references(model, sweep: Sweep, keep: bool) -> tuple[Recorded, Recorded]:

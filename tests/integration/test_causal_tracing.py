@@ -58,6 +58,8 @@ def test_groups_on_known_facts():
 
 @pytest.mark.parametrize("engine", ["batched", "prefix"])
 def test_restore_everything_gives_clean_exactly(family, engine):
+    """Bit-exact in the batched engine; the prefix engine computes the last layer's MLP at the read
+    position alone (``MlpTail``), a matmul of another shape, so float32 rounding (~1e-8) remains."""
     lm = sharp_frozen(family)
     L = lm.arch.n_layers
 
@@ -70,7 +72,7 @@ def test_restore_everything_gives_clean_exactly(family, engine):
     cfg = CT.TraceConfig(noise=1.0, engine=engine)
     for tr in CT.trace_facts(lm, CT.facts_of(facts(family)), cfg, 1.0, restorations=restorations):
         assert abs(tr.high - tr.low) > 1e-3                         # the noise does something ...
-        assert (tr.scores - tr.high).abs().max().item() == 0.0      # ... and restoring all undoes it
+        assert (tr.scores - tr.high).abs().max().item() <= (0.0 if engine == "batched" else 1e-6)   # ... and restoring all undoes it
 
 
 @pytest.mark.parametrize("engine", ["batched", "prefix"])

@@ -212,6 +212,26 @@ def test_plan_skips_exactly_the_cells_before_the_first_difference():
                                              res.base[:, None, None].expand_as(res.values)[res.skipped])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_tail_leaves_the_read_logits_and_skips_the_rest(family):
+    """``MlpTail`` (what suffix runs use at the last layer): the last position's logits equal the plain
+    forward's, the MLP output at the kept positions is the plain one, and zero (not computed) elsewhere."""
+    from interpkit.engine.inside import Forward, MlpTail, Readout, trace_forward
+
+    lm = tiny(family)
+    L, T = lm.arch.n_layers, 7
+    ids = torch.randint(5, 60, (3, T), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    readout = Readout("logit_diff", torch.tensor([[7], [8], [9]]), torch.tensor([[10], [11], [12]]),
+                      records=[("mlp_out", L - 1)])
+    plain, _, (mlp_plain,) = trace_forward(lm.model, Forward(inputs, readout, []))
+    for k in (1, 3):
+        tail, _, (mlp_tail,) = trace_forward(lm.model, Forward(inputs, readout, [MlpTail(L - 1, k)]))
+        assert (plain - tail).abs().max().item() < 1e-5
+        assert (mlp_tail[:, -k:] - mlp_plain[:, -k:]).abs().max().item() < 1e-5
+        assert mlp_tail[:, :-k].abs().max().item() == 0.0 and mlp_plain[:, :-k].abs().max().item() > 0
+
+
 # -- attribution patching -------------------------------------------------------------------------
 def test_attribution_is_exact_on_the_linear_site(lm):
     """unembed_in -> logits is linear and logit difference is linear in the logits (Gemma-2's final logit
