@@ -5,16 +5,20 @@
 Model: ``load_model("smollm2-135m")`` (LlamaForCausalLM, 30 layers, d_model 576, 9 heads / 3 KV heads).
 
 Sections (each row runs in its own subprocess: ``--row NAME``; the child times its compute alone, model
-load and setup excluded, and prints one ``RESULT {json}`` line; the parent reads the child's peak RSS
-with ``os.wait4``. Repeats are interleaved row by row and the minimum time is kept: the machine is shared):
+load and setup excluded, and prints one ``RESULT {json}`` line with its own peak RSS. Repeats are
+interleaved row by row; an engine row's ratio to its limit is the mean of its side-by-side ratios, the
+other rows keep their minimum time: the machine is shared):
 
 * resid: IOI (abc corruption, denoise, logit difference), ``--pairs`` pairs whose clean and corrupted
   prompts need no padding (one template length, 20 tokens), resid_pre x every layer x every position.
   - engine: ``run_patching(lm, prompts, PatchConfig(site="resid_pre"))`` (the default engine)
   - full:   ``engine="full"`` (only with ``--with-full``; slow)
-  - limit:  the naive limit, one plain HF forward row per patched (pair, cell), in batches of
+  - the engine's limit: the naive limit, one plain HF forward row per patched (pair, cell), in batches of
             ``max_rows`` rows of the full base prompts, ``logits_to_keep=1``, no nnsight; every batch has
-            the same shape, so ``--limit-batches`` of them are timed and scaled to the total count
+            the same shape, so ``--limit-batches`` of them are timed and scaled to the total count. They
+            are timed *side by side* with the engine, in its process, between its chunks (evenly
+            spaced; each in a forked copy, so the engine's peak RSS stays its own): the ratio of the
+            two is not moved by the machine's speed drifting between runs (it drifts by 15-25% here)
   - tl:     TransformerLens 3.9 ``patching.get_act_patch_resid_pre`` (one forward per cell) on a
             HookedTransformer holding identical weights (no folding or centring; its logits are checked
             against HF's first), with its ``run_with_cache`` of the clean run; ``--tl-samples`` random
@@ -25,16 +29,18 @@ with ``os.wait4``. Repeats are interleaved row by row and the minimum time is ke
 * ct:     causal tracing of one known_1000 fact that the model knows (top-1 filter over ``--ct-facts``
           drawn facts; noise 3 sigma of their subject embeddings), ``TraceConfig(kinds=all, severed=True)``
           (the CLI's ``--kind all --severed``):
-  - ct_engine:  ``trace_facts`` with the default engine (prefix), the whole grid
+  - ct_engine:  ``trace_facts`` with the default engine (prefix), the whole grid; its limit, timed side
+                by side as above (``--ct-limit-batches`` forwards): the batched engine's rows as plain HF
+                forwards (bench/bench_causal_tracing.py's limit)
   - ct_batched: ``engine="batched"``: ``--ct-forwards`` of its forwards (evenly spaced) timed, scaled by rows
-  - ct_limit:   the batched engine's rows as plain HF forwards (bench/bench_causal_tracing.py's limit),
-                the same forwards timed and scaled by rows
   - ct_loop:    ROME's loop, one forward (two for severed) per restoration
                 (``tests/references/causal_tracing_ref.ReferenceTracer``): ``--loop-samples`` restorations per kind
                 timed and scaled per kind to the whole grid
 
 Targets (issue): resid and head engine <= 0.15x the limit and >= 20x faster than TL, equal to 1e-4;
-causal tracing engine >= 10x faster than the loop and <= 0.3x its limit.
+causal tracing engine >= 10x faster than the loop and <= 0.3x its limit. Besides, per engine row, the
+exact floor: the least token-layers any exact engine computes (every row from its own first written
+position and layer), as a fraction of the limit's, and the bound it puts on each ratio.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -54,9 +61,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 MODEL = "smollm2-135m"
-SECTIONS = {"resid": ["engine_resid", "limit_resid", "tl_resid"],
-            "head": ["engine_head", "limit_head", "tl_head"],
-            "ct": ["ct_engine", "ct_batched", "ct_limit", "ct_loop"]}
+SECTIONS = {"resid": ["engine_resid", "tl_resid"],
+            "head": ["engine_head", "tl_head"],
+            "ct": ["ct_engine", "ct_batched", "ct_loop"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,43 +113,101 @@ def sample_cells(lm, ps, site: str, k: int, seed: int = 0) -> list[tuple[int, in
 # rows: patching
 # --------------------------------------------------------------------------------------------------
 def row_engine(args, site: str, engine: str = "prefix") -> dict:
-    from interpkit.analyses.patching.sweep import run_patching
+    from interpkit.analyses.patching.sweep import plan_patching, run_patching
 
     lm = load(args)
     ps = ioi_pairs(lm, args.pairs)
+    cfg = patch_cfg(site, args, engine=engine)
+    piece, n_pieces, limit_note = limit_batch(lm, ps, site, args)
     with torch.no_grad():                                   # warm-up: a one-cell sweep
         run_patching(lm, ps.subset([0]), patch_cfg(site, args, layers=[lm.arch.n_layers - 1], engine=engine,
                                                    **({"positions": [ps.input_ids.shape[1] - 1]}
                                                       if site == "resid" else {})))
-        t = time.perf_counter()
-        res = run_patching(lm, ps, patch_cfg(site, args, engine=engine))
-        s = time.perf_counter() - t
+        n_chunks = len(plan_patching(lm, ps, cfg).plan.chunks) if engine == "prefix" else 0
+        (res, s), lim = interleaved(lambda: run_patching(lm, ps, cfg), n_chunks, args.limit_batches, piece)
     tm = res.timings
     note = (f"{tm.get('forwards')} forwards, work {tm['work']:.3f} of full, skipped {tm['skipped']:.2f}"
             if "work" in tm else f"{tm.get('forwards')} forwards")
-    return {"seconds": s, "note": note, "mean": res.values.mean(0).tolist(),
-            "shape": list(res.values.shape)}
+    out = {"seconds": s, "note": note, "mean": res.values.mean(0).tolist(), "shape": list(res.values.shape),
+           "floor": patch_floor(lm, ps, patch_cfg(site, args))}
+    return {**out, **paired_limit(lim, n_pieces, limit_note)}
 
 
-def row_limit(args, site: str) -> dict:
-    lm = load(args)
-    ps = ioi_pairs(lm, args.pairs)
+def patch_floor(lm, ps, cfg) -> float:
+    """The least token-layers any exact engine computes, as a fraction of the limit's: every row from its
+    own first written position and layer (the planner with zero fixed costs: one forward per start)."""
+    from interpkit.analyses.patching.sweep import plan_patching
+    from interpkit.engine.plan import ForwardCost
+
+    model_costs = ForwardCost.for_model
+    ForwardCost.for_model = classmethod(lambda cls, arch: cls(0, 0))
+    try:
+        return plan_patching(lm, ps, cfg).plan.work
+    finally:
+        ForwardCost.for_model = model_costs
+
+
+def interleaved(run, n_chunks: int, k: int, piece) -> tuple:
+    """``run()`` with ``piece()`` (one batch of the limit) run and timed after k of its ``n_chunks``
+    suffix chunks, evenly spaced, so that the engine and its limit are measured side by side on the same
+    machine state: ((run's result, run's seconds without the pieces), [seconds of each piece]). With no
+    chunks (the full engine) the pieces run after it. Each piece runs in a forked copy of this process,
+    so the memory it takes does not count in the engine's peak RSS."""
+    import interpkit.engine.run as R
+
+    after = {max(1, round((i + 1) * n_chunks / (k + 1))) for i in range(k)} if n_chunks else set()
+    inner, done, inside, outside = R.run_chunk, [0], [], []
+
+    def timed(into: list) -> None:                         # in a forked process: the engine's peak RSS stays its own
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            t = time.perf_counter()
+            piece()
+            os.write(w, repr(time.perf_counter() - t).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            into.append(float(f.read()))
+        os.waitpid(pid, 0)
+
+    def chunk(*a):
+        out = inner(*a)
+        done[0] += 1
+        if done[0] in after:
+            timed(inside)
+        return out
+
+    R.run_chunk = chunk
+    try:
+        t = time.perf_counter()
+        result = run()
+        total = time.perf_counter() - t
+    finally:
+        R.run_chunk = inner
+    while len(inside) + len(outside) < k:
+        timed(outside)
+    return (result, total - sum(inside)), inside + outside
+
+
+def paired_limit(times: list, n_pieces: float, note: str) -> dict:
+    """The limit's total seconds from its timed pieces, scaled to all ``n_pieces`` of them."""
+    return {"limit_seconds": sum(times) / len(times) * n_pieces, "limit_note": f"{note}; {len(times)} timed"}
+
+
+def limit_batch(lm, ps, site: str, args) -> tuple:
+    """The naive limit of a patching sweep, one batch of it: (run one batch, batches in all, note). One
+    plain HF forward row per patched (pair, cell), ``max_rows`` rows of the full base prompts per batch,
+    ``logits_to_keep=1``, no nnsight; every batch has the same shape."""
     P, T = ps.input_ids.shape
     total = P * lm.arch.n_layers * n_cells(lm, ps, site)      # one row per patched (pair, cell)
     rows = min(args.max_rows, total)
     base = ps.batch(corrupted=True)                         # denoise: the corrupted run is patched
     ids = base["input_ids"].repeat(math.ceil(rows / P), 1)[:rows]
     mask = torch.ones_like(ids)
-    k = min(args.limit_batches, math.ceil(total / rows))
-    times = []
-    with torch.no_grad():
-        for _ in range(k):
-            t = time.perf_counter()
-            lm.hf(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            times.append(time.perf_counter() - t)
-    n_batches = total / rows
-    return {"seconds": sum(times) / k * n_batches, "measured_s": sum(times),
-            "note": f"scaled from {k} of {n_batches:.1f} batches of {rows}x{T} ({total} rows)"}
+    return (lambda: lm.hf(input_ids=ids, attention_mask=mask, logits_to_keep=1), total / rows,
+            f"batches of {rows}x{T} ({total} rows)")
 
 
 def hooked_transformer(hf):
@@ -245,20 +310,45 @@ def ct_fact(lm, args):
 
 def row_ct_engine(args) -> dict:
     from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing.prefix import FactShape, plan_fact
+    from interpkit.engine.plan import ForwardCost
 
     lm = load(args)
     fact = ct_fact(lm, args)
     cfg = trace_cfg(args)
-    L = lm.arch.n_layers
+    L, T = lm.arch.n_layers, len(fact.ids)
+    _, _, rows, _ = _ct_forwards(lm, fact, args)
+    n = max(rows)
+    x = fact.ids[None].expand(n, -1)
+    piece = lambda: lm.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)   # noqa: E731
+    shape = FactShape(T, fact.subject_first, L, cfg.window, cfg.samples, cfg.max_rows, 1, ForwardCost.for_model(lm.arch))
+    n_chunks = len(plan_fact(CT.grid(cfg.all_kinds(), T, L), shape).chunks)
     with torch.no_grad():
-        CT.trace_facts(lm, [fact], cfg, args.level, restorations=lambda f: [("hidden", len(f.ids) - 1, L - 1)])
-        t = time.perf_counter()
-        tr = CT.trace_facts(lm, [fact], cfg, args.level)[0]
-        s = time.perf_counter() - t
+        CT.trace_facts(lm, [fact], cfg, args.level, restorations=lambda f: [("hidden", T - 1, L - 1)])
+        (trs, s), lim = interleaved(lambda: CT.trace_facts(lm, [fact], cfg, args.level), n_chunks,
+                                    args.ct_limit_batches, piece)
+    tr = trs[0]
     return {"seconds": s, "scores": tr.scores.tolist(), "low": tr.low, "high": tr.high,
-            "note": f"T={len(fact.ids)}, {len(CT.grid(cfg.all_kinds(), len(fact.ids), L))} restorations x "
+            "floor": ct_floor(fact, cfg, L),
+            "note": f"T={T}, {len(CT.grid(cfg.all_kinds(), T, L))} restorations x "
                     f"{cfg.samples} samples, answer {lm.tokenizer.decode([tr.answer_id])!r}, "
-                    f"high {tr.high:.3f} low {tr.low:.3f}"}
+                    f"high {tr.high:.3f} low {tr.low:.3f}",
+            **paired_limit(lim, sum(rows) / n, f"plain HF forwards of the batched engine's rows, {n}x{T} each "
+                                               f"({sum(rows)} rows)")}
+
+
+def ct_floor(fact, cfg, L: int) -> float:
+    """The least token-layers any exact restoration-by-restoration engine computes for ``fact``, as a
+    fraction of the batched engine's (the limit's rows: every prompt through every layer)."""
+    from interpkit.analyses.causal_tracing import trace as CT
+    from interpkit.analyses.causal_tracing.prefix import FactShape, first_layer, plan_fact
+    from interpkit.engine.plan import ForwardCost
+
+    T, S = len(fact.ids), cfg.samples
+    rest = CT.grid(cfg.all_kinds(), T, L)
+    plan = plan_fact(rest, FactShape(T, fact.subject_first, L, cfg.window, S, cfg.max_rows, cost=ForwardCost(0, 0)))
+    minimal = sum(S * (T - min(x[2] for x in w)) * (L - first_layer(w)) for w in plan.unique)
+    return minimal / (len(rest) * S * T * L)
 
 
 def _ct_forwards(lm, fact, args):
@@ -314,15 +404,6 @@ def row_ct_batched(args) -> dict:
     return {**timing, "cells": cells, "values": vals, "note": note}
 
 
-def row_ct_limit(args) -> dict:
-    def plain(lm, fact, fwd, n):
-        x = fact.ids[None].expand(n, -1)
-        return lm.hf(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
-
-    *_, timing, note = _timed_forwards(args, plain)
-    return {**timing, "note": f"plain HF forwards of the batched rows; {note}"}
-
-
 def row_ct_loop(args) -> dict:
     from interpkit.analyses.causal_tracing import trace as CT
     from tests.references.causal_tracing_ref import ReferenceTracer
@@ -362,10 +443,9 @@ def row_ct_loop(args) -> dict:
 
 ROWS = {"engine_resid": lambda a: row_engine(a, "resid"), "engine_head": lambda a: row_engine(a, "head"),
         "full_resid": lambda a: row_engine(a, "resid", "full"), "full_head": lambda a: row_engine(a, "head", "full"),
-        "limit_resid": lambda a: row_limit(a, "resid"), "limit_head": lambda a: row_limit(a, "head"),
         "tl_resid": lambda a: row_tl(a, "resid"), "tl_head": lambda a: row_tl(a, "head"),
         "ct_setup": row_ct_setup, "ct_engine": row_ct_engine, "ct_batched": row_ct_batched,
-        "ct_limit": row_ct_limit, "ct_loop": row_ct_loop}
+        "ct_loop": row_ct_loop}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +454,8 @@ ROWS = {"engine_resid": lambda a: row_engine(a, "resid"), "engine_head": lambda 
 def child_args(args, row: str) -> list[str]:
     keep = ["--pairs", args.pairs, "--threads", args.threads, "--max-rows", args.max_rows,
             "--limit-batches", args.limit_batches, "--tl-samples", args.tl_samples, "--ct-samples", args.ct_samples,
-            "--ct-max-rows", args.ct_max_rows, "--ct-forwards", args.ct_forwards, "--loop-samples", args.loop_samples,
+            "--ct-max-rows", args.ct_max_rows, "--ct-forwards", args.ct_forwards,
+            "--ct-limit-batches", args.ct_limit_batches, "--loop-samples", args.loop_samples,
             "--ct-facts", args.ct_facts]
     if args.known_id is not None:
         keep += ["--known-id", args.known_id, "--level", repr(args.level)]
@@ -393,8 +474,7 @@ def run_child(args, row: str) -> dict:
     if p.returncode != 0 or line is None:
         print(f"  {row}: FAILED (exit {p.returncode})\n{out[-2000:]}", flush=True)
         return {"failed": True, "rss_mib": ru.ru_maxrss / 1024}
-    res = json.loads(line[len("RESULT "):])
-    res["rss_mib"] = ru.ru_maxrss / 1024                    # ru_maxrss is in KiB on Linux
+    res = json.loads(line[len("RESULT "):])                 # rss_mib: the child's own peak (not its forks')
     print(f"  {row:<13} {res['seconds']:9.1f}s  rss {res['rss_mib']:6.0f} MiB  (wall {time.perf_counter() - t0:.0f}s)"
           f"  {res.get('note', '')}", flush=True)
     return res
@@ -410,7 +490,7 @@ def main(args) -> None:
     if args.with_full:
         rows += [f"full_{s}" for s in ("resid", "head") if s in sections]
     print(f"{MODEL}: {args.pairs} IOI pairs, {args.threads} thread(s), max_rows {args.max_rows}; causal tracing "
-          f"{args.ct_samples} samples, max_rows {args.ct_max_rows}; min of {args.repeats} interleaved repeats", flush=True)
+          f"{args.ct_samples} samples, max_rows {args.ct_max_rows}; {args.repeats} interleaved repeats", flush=True)
     if "ct" in sections:
         setup = run_child(args, "ct_setup")
         if setup.get("failed"):
@@ -421,6 +501,7 @@ def main(args) -> None:
                   f"{setup['n_known']} of {args.ct_facts} drawn facts known), noise level {setup['level']:.4f}",
                   flush=True)
     best: dict[str, dict] = {}
+    paired: dict[str, list] = {}                             # row -> [(engine seconds, limit seconds)] per repeat
     for rep in range(args.repeats):
         print(f"repeat {rep + 1}/{args.repeats}", flush=True)
         for row in rows:
@@ -428,28 +509,38 @@ def main(args) -> None:
             if res.get("failed"):
                 best.setdefault(row, res)
                 continue
+            if "limit_seconds" in res:
+                paired.setdefault(row, []).append((res["seconds"], res["limit_seconds"]))
+                print(f"  {'':<13} limit {res['limit_seconds']:9.1f}s, side by side: engine "
+                      f"{res['seconds'] / res['limit_seconds']:.3f}x the limit  ({res['limit_note']})", flush=True)
             prev = best.get(row)
             if prev is None or prev.get("failed") or res["seconds"] < prev["seconds"]:
                 res["rss_mib"] = max(res["rss_mib"], (prev or {}).get("rss_mib", 0))
                 best[row] = res
             else:
                 prev["rss_mib"] = max(prev["rss_mib"], res["rss_mib"])
-    report(args, rows, best)
+    report(args, rows, best, paired)
 
 
-def report(args, rows, best) -> None:
+def report(args, rows, best, paired) -> None:
     ok = lambda r: r in best and not best[r].get("failed")          # noqa: E731
     diffs, vs_ref, vs_lim = {}, {}, {}
+    limit = {}                                               # section -> the median limit seconds measured
+    for r, runs in paired.items():
+        sec = "ct" if r.startswith("ct") else r.split("_")[1]
+        limit.setdefault(sec, []).extend(lim for _, lim in runs)
+        vs_lim[r] = sum(e / lim for e, lim in runs) / len(runs)     # engine rows: mean of side-by-side ratios
+    limit = {sec: sorted(v)[len(v) // 2] for sec, v in limit.items()}
     for s in ("resid", "head"):
-        eng, tl, lim, full = f"engine_{s}", f"tl_{s}", f"limit_{s}", f"full_{s}"
+        eng, tl, full = f"engine_{s}", f"tl_{s}", f"full_{s}"
         if ok(eng) and ok(tl):
             mean = best[eng]["mean"]
             diffs[eng] = diffs[tl] = max_diff(best[tl]["cells"], best[tl]["values"], lambda c: mean[c[0]][c[1]])
         if ok(eng) and ok(full):
             diffs[full] = float((torch.tensor(best[full]["mean"]) - torch.tensor(best[eng]["mean"])).abs().max())
         for r in (eng, full, tl):
-            if ok(r) and ok(lim):
-                vs_lim[r] = best[r]["seconds"] / best[lim]["seconds"]
+            if ok(r) and s in limit and r not in vs_lim:
+                vs_lim[r] = best[r]["seconds"] / limit[s]
             if ok(r) and ok(tl) and r != tl:
                 vs_ref[r] = best[tl]["seconds"] / best[r]["seconds"]
     if ok("ct_engine"):
@@ -460,12 +551,13 @@ def report(args, rows, best) -> None:
                 diffs[r] = max_diff(best[r]["cells"], best[r]["values"], look)
         diffs["ct_engine"] = diffs.get("ct_loop", float("nan"))
         for r in ("ct_engine", "ct_batched", "ct_loop"):
-            if ok(r) and ok("ct_limit"):
-                vs_lim[r] = best[r]["seconds"] / best["ct_limit"]["seconds"]
+            if ok(r) and "ct" in limit and r not in vs_lim:
+                vs_lim[r] = best[r]["seconds"] / limit["ct"]
             if ok(r) and ok("ct_loop") and r != "ct_loop":
                 vs_ref[r] = best["ct_loop"]["seconds"] / best[r]["seconds"]
-    print(f"\n{'row':<13} {'seconds':>10} {'vs limit':>9} {'TL|loop / row':>14} {'peak RSS MiB':>13} {'max |diff|':>11}"
-          "  note")
+    floor = {r: best[r]["floor"] for r in ("engine_resid", "engine_head", "ct_engine") if ok(r) and "floor" in best[r]}
+    print(f"\n{'row':<13} {'seconds':>10} {'vs limit':>9} {'vs floor':>9} {'TL|loop / row':>14} {'peak RSS MiB':>13} "
+          f"{'max |diff|':>11}  note")
     for r in rows:
         if not ok(r):
             print(f"{r:<13} {'FAILED':>10}")
@@ -474,10 +566,18 @@ def report(args, rows, best) -> None:
         lim = f"{vs_lim[r]:.3f}x" if r in vs_lim else "-"
         ref = f"{vs_ref[r]:.1f}x" if r in vs_ref else "-"
         d = f"{diffs[r]:.1e}" if r in diffs else "-"
-        print(f"{r:<13} {b['seconds']:>10.1f} {lim:>9} {ref:>14} {b['rss_mib']:>13.0f} {d:>11}  {b.get('note', '')}")
+        fl = f"{vs_lim[r] / floor[r]:.3f}x" if r in floor and r in vs_lim else "-"
+        print(f"{r:<13} {b['seconds']:>10.1f} {lim:>9} {fl:>9} {ref:>14} {b['rss_mib']:>13.0f} {d:>11}  {b.get('note', '')}")
+    for r, runs in paired.items():
+        print(f"{r}: side-by-side ratios per repeat " + ", ".join(f"{e / lim:.3f}x ({e:.0f} s / {lim:.0f} s)"
+                                                                  for e, lim in runs) + "; vs limit = their mean")
+    print("other rows' vs limit: their seconds / the median limit of their section's side-by-side runs")
     print("\nmax |diff|: engine and tl rows, TL's metric on its sampled cells vs the engine's "
           "values[:, layer, cell].mean(0); full, vs the engine; ct rows, the sampled restorations vs the "
           "default engine's scores (ct_engine: vs the loop)")
+    for r, f in floor.items():
+        print(f"exact floor, {r}: {f:.3f} of the limit's token-layers (every row from its own first written "
+              f"position and layer); vs floor = time / (floor x limit time)")
     checks = []
     for s in ("resid", "head"):
         e = f"engine_{s}"
@@ -495,6 +595,11 @@ def report(args, rows, best) -> None:
         checks.append(("ct: loop == engine to 1e-4", diffs["ct_loop"] <= 1e-4, f"{diffs['ct_loop']:.1e}"))
     for name, good, val in checks:
         print(f"{'PASS' if good else 'MISS'}  {name}: {val}")
+    for r, f in floor.items():
+        ref_row = {"engine_resid": "tl_resid", "engine_head": "tl_head", "ct_engine": "ct_loop"}[r]
+        if ok(ref_row) and ref_row in vs_lim:
+            print(f"bound {r}: at the limit's speed per token-layer no exact engine beats {vs_lim[ref_row] / f:.1f}x "
+                  f"faster than {ref_row} or {f:.3f}x the limit")
 
 
 def parse():
@@ -506,7 +611,10 @@ def parse():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-rows", type=int, default=512, help="rows per forward (engine and limit)")
-    ap.add_argument("--limit-batches", type=int, default=3, help="limit batches timed (then scaled)")
+    ap.add_argument("--limit-batches", type=int, default=3,
+                    help="limit batches timed between the engine's chunks (then scaled)")
+    ap.add_argument("--ct-limit-batches", type=int, default=2,
+                    help="causal tracing: limit forwards timed between the engine's chunks (then scaled)")
     ap.add_argument("--tl-samples", type=int, default=20, help="TL cells timed (then scaled)")
     ap.add_argument("--with-full", action="store_true", help="also time engine='full' (slow)")
     ap.add_argument("--ct-facts", type=int, default=64, help="known_1000 facts drawn to find a known one")
@@ -520,7 +628,7 @@ def parse():
     if args.quick and not args.row:
         given = set(a.split("=")[0] for a in sys.argv[1:])
         for opt, v in (("--pairs", 8), ("--repeats", 1), ("--max-rows", 128), ("--limit-batches", 1),
-                       ("--tl-samples", 4), ("--ct-samples", 2), ("--ct-max-rows", 128), ("--ct-forwards", 1),
+                       ("--tl-samples", 4), ("--ct-samples", 2), ("--ct-max-rows", 128), ("--ct-forwards", 1), ("--ct-limit-batches", 1),
                        ("--loop-samples", 2), ("--ct-facts", 32)):
             if opt not in given:
                 setattr(args, opt[2:].replace("-", "_"), v)
@@ -531,6 +639,7 @@ if __name__ == "__main__":
     a = parse()
     if a.row:
         out = ROWS[a.row](a)
+        out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux; no children
         print("RESULT " + json.dumps(out), flush=True)
     else:
         main(a)

@@ -12,7 +12,8 @@ A sweep is made of forwards of three kinds:
 
 Every edit of an activation is a ``Write`` applied by ``apply_write`` (the engine's one row copy; it
 can also take its fill from other positions, from rows of a table of values, or replace only the
-component in a subspace); an edit of single heads' attention scores is a ``ScoreAdd``; the embedding
+component in a subspace); an edit of single heads' attention scores is a ``ScoreAdd``; a suffix run's
+last-layer MLP computed at the read positions alone is an ``MlpTail``; the embedding
 output can be corrupted per row (``Noise``, ``corrupt``); what a forward reports is a ``Readout`` (a
 metric, or candidate logits, and optionally activations at some sites). The records are dataclasses
 without a generated ``__repr__``: they travel to NDIF by value, and a generated ``__repr__`` imports
