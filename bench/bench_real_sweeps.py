@@ -118,7 +118,7 @@ def row_engine(args, site: str, engine: str = "prefix") -> dict:
     lm = load(args)
     ps = ioi_pairs(lm, args.pairs)
     cfg = patch_cfg(site, args, engine=engine)
-    piece, n_pieces, limit_note = limit_batch(lm, ps, site, args)
+    piece, n_pieces, limit_note, piece_tokens, piece_rows = limit_batch(lm, ps, site, args)
     with torch.no_grad():                                   # warm-up: a one-cell sweep
         run_patching(lm, ps.subset([0]), patch_cfg(site, args, layers=[lm.arch.n_layers - 1], engine=engine,
                                                    **({"positions": [ps.input_ids.shape[1] - 1]}
@@ -130,7 +130,8 @@ def row_engine(args, site: str, engine: str = "prefix") -> dict:
             if "work" in tm else f"{tm.get('forwards')} forwards")
     out = {"seconds": s, "note": note, "mean": res.values.mean(0).tolist(), "shape": list(res.values.shape),
            "floor": patch_floor(lm, ps, patch_cfg(site, args))}
-    return {**out, **paired_limit(lim, n_pieces, limit_note)}
+    return {**out, **paired_limit(lim, n_pieces, limit_note),
+            **matmul_share(lm, piece_tokens, piece_rows, sum(lim) / len(lim))}
 
 
 def patch_floor(lm, ps, cfg) -> float:
@@ -196,10 +197,32 @@ def paired_limit(times: list, n_pieces: float, note: str) -> dict:
     return {"limit_seconds": sum(times) / len(times) * n_pieces, "limit_note": f"{note}; {len(times)} timed"}
 
 
+def matmul_share(lm, tokens: int, rows: int, piece_seconds: float) -> dict:
+    """How much of one limit batch is matmul at this machine's peak: the batch's linear-layer flops (every
+    layer at all ``tokens``, the unembedding at ``rows`` last positions) over the best rate of the
+    model's own layer matmuls (each weight shape at 512, 1024 and 2048 rows, 8 tries each), as a
+    fraction of the batch's measured seconds. An exact engine doing only the floor's token-layers, every
+    matmul at that peak and everything else free, still takes ``floor x share`` of the limit: a bound
+    no engine on this machine can beat."""
+    lin = [m for m in lm.hf.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    head = lm.hf.get_output_embeddings().weight
+    flops = 2 * (tokens * sum(m.in_features * m.out_features for m in lin) + rows * head.numel())
+    peak = 0.0                                               # the fastest rate of any of its layer shapes
+    with torch.no_grad():
+        for w in {tuple(m.weight.shape): m.weight for m in lin}.values():
+            for n in (512, 1024, 2048):
+                x = torch.randn(n, w.shape[1])
+                for _ in range(8):
+                    t = time.perf_counter()
+                    torch.nn.functional.linear(x, w)
+                    peak = max(peak, 2 * n * w.numel() / (time.perf_counter() - t))
+    return {"matmul_share": flops / peak / piece_seconds, "peak_gflops": peak / 1e9}
+
+
 def limit_batch(lm, ps, site: str, args) -> tuple:
-    """The naive limit of a patching sweep, one batch of it: (run one batch, batches in all, note). One
-    plain HF forward row per patched (pair, cell), ``max_rows`` rows of the full base prompts per batch,
-    ``logits_to_keep=1``, no nnsight; every batch has the same shape."""
+    """The naive limit of a patching sweep, one batch of it: (run one batch, batches in all, note, its
+    tokens, its rows). One plain HF forward row per patched (pair, cell), ``max_rows`` rows of the full
+    base prompts per batch, ``logits_to_keep=1``, no nnsight; every batch has the same shape."""
     P, T = ps.input_ids.shape
     total = P * lm.arch.n_layers * n_cells(lm, ps, site)      # one row per patched (pair, cell)
     rows = min(args.max_rows, total)
@@ -207,7 +230,7 @@ def limit_batch(lm, ps, site: str, args) -> tuple:
     ids = base["input_ids"].repeat(math.ceil(rows / P), 1)[:rows]
     mask = torch.ones_like(ids)
     return (lambda: lm.hf(input_ids=ids, attention_mask=mask, logits_to_keep=1), total / rows,
-            f"batches of {rows}x{T} ({total} rows)")
+            f"batches of {rows}x{T} ({total} rows)", rows * T, rows)
 
 
 def hooked_transformer(hf):
@@ -334,7 +357,8 @@ def row_ct_engine(args) -> dict:
                     f"{cfg.samples} samples, answer {lm.tokenizer.decode([tr.answer_id])!r}, "
                     f"high {tr.high:.3f} low {tr.low:.3f}",
             **paired_limit(lim, sum(rows) / n, f"plain HF forwards of the batched engine's rows, {n}x{T} each "
-                                               f"({sum(rows)} rows)")}
+                                               f"({sum(rows)} rows)"),
+            **matmul_share(lm, n * T, n, sum(lim) / len(lim))}
 
 
 def ct_floor(fact, cfg, L: int) -> float:
@@ -600,6 +624,12 @@ def report(args, rows, best, paired) -> None:
         if ok(ref_row) and ref_row in vs_lim:
             print(f"bound {r}: at the limit's speed per token-layer no exact engine beats {vs_lim[ref_row] / f:.1f}x "
                   f"faster than {ref_row} or {f:.3f}x the limit")
+        if "matmul_share" in best[r]:
+            m = f * best[r]["matmul_share"]
+            beats = f", faster than {ref_row} by more than {vs_lim[ref_row] / m:.1f}x" if ok(ref_row) and ref_row in vs_lim else ""
+            print(f"hard bound {r}: the limit's matmuls at this machine's peak ({best[r]['peak_gflops']:.0f} GFLOP/s) are "
+                  f"{best[r]['matmul_share']:.3f} of its time; with every non-matmul operation free no exact engine runs "
+                  f"under {m:.3f}x the limit{beats}")
 
 
 def parse():
