@@ -626,10 +626,11 @@ def report(args, rows, best, paired) -> None:
                   f"faster than {ref_row} or {f:.3f}x the limit")
         if "matmul_share" in best[r]:
             m = f * best[r]["matmul_share"]
-            beats = f", faster than {ref_row} by more than {vs_lim[ref_row] / m:.1f}x" if ok(ref_row) and ref_row in vs_lim else ""
-            print(f"hard bound {r}: the limit's matmuls at this machine's peak ({best[r]['peak_gflops']:.0f} GFLOP/s) are "
-                  f"{best[r]['matmul_share']:.3f} of its time; with every non-matmul operation free no exact engine runs "
-                  f"under {m:.3f}x the limit{beats}")
+            beats = (f" or more than {vs_lim[ref_row] / m:.1f}x faster than {ref_row}"
+                     if ok(ref_row) and ref_row in vs_lim else "")
+            print(f"hard bound {r}: the limit's matmuls at this machine's peak ({best[r]['peak_gflops']:.0f} GFLOP/s) "
+                  f"are {best[r]['matmul_share']:.3f} of its time; with every non-matmul operation free no exact "
+                  f"engine runs under {m:.3f}x the limit{beats}")
 
 
 def parse():
